@@ -1,0 +1,150 @@
+"""``optimize(model, recipe)``: capture -> canonicalise -> match -> rewrite -> verify (DESIGN.md, "The pipeline")."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from attnforge.passes import REGISTRY, canonicalize
+from attnforge.passes.manager import apply_site, dead_code, evaluate, rollback_site
+from attnforge.patterns import refine_causal
+
+from .capture import capture, flat_inputs
+from .errors import CaptureError
+from .recipe import Recipe, load_recipe
+from .report import MissRecord, Report, SiteRecord
+from .verify import compare_outputs, error_stats, record
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class OptimizedModel(nn.Module):
+    """The rewritten model. Call it like the original; ``.report``, ``.graph_module``, ``.recipe``."""
+
+    def __init__(self, module: nn.Module, report: Report, recipe: Recipe, graph_module=None):
+        super().__init__()
+        self.module = module
+        self.report = report
+        self.recipe = recipe
+        self._graph_module = graph_module
+
+    @property
+    def graph_module(self):
+        """The rewritten ``fx.GraphModule`` (None when capture failed and the original runs unchanged)."""
+        return self._graph_module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _as_args(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise TypeError(f"example_inputs must be a tensor or a tuple of inputs, not {type(example_inputs).__name__}")
+
+
+def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example_kwargs: dict | None = None, *,
+             verify: bool = True, strict: bool = False, backend: str = "auto", dynamic: bool = True,
+             progress: Callable[[str], None] | None = None) -> OptimizedModel:
+    """Rewrite ``model``'s attention and FFN subgraphs as ``recipe`` says; never mutates ``model``.
+
+    ``recipe``: builtin name (``"exact"``), YAML/JSON path, dict or ``Recipe`` (validated first:
+    ``RecipeError``). ``example_inputs``/``example_kwargs``: what the model is captured and verified
+    on. ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of returning
+    a passthrough whose report says why. ``dynamic``: keep batch/sequence dims symbolic.
+    """
+    recipe = load_recipe(recipe)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "triton":
+        raise NotImplementedError("backend='triton': the Triton kernels arrive with the codegen issue; "
+                                  "use 'auto' or 'torch'")
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    say = progress or (lambda msg: None)
+    report = Report(model=type(model).__name__, recipe=recipe.name)
+
+    t = time.perf_counter()
+    say("capture")
+    try:
+        captured = capture(model, args, kwargs, dynamic=dynamic)
+    except CaptureError as e:
+        if strict:
+            raise
+        report.capture_error = str(e)
+        return OptimizedModel(copy.deepcopy(model), report, recipe)
+    report.timings["capture"] = time.perf_counter() - t
+    report.capture_method, report.dynamic = captured.method, captured.dynamic
+    report.notes += captured.notes
+    gm = captured.gm
+
+    t = time.perf_counter()
+    canonicalize(gm)
+    report.timings["canonicalize"] = time.perf_counter() - t
+    report.nodes_before = len(gm.graph.nodes)
+    flat = flat_inputs(gm, args, kwargs)
+
+    seen_misses = set()
+    for i, step in enumerate(recipe.steps):
+        rw, params = REGISTRY[step.rewrite], recipe.params_of(i)
+        say(f"step {i + 1}/{len(recipe.steps)}: {rw.name}")
+        t = time.perf_counter()
+        sites, misses = rw.match(gm)
+        for m in misses:
+            key = (m.fqn, m.kind, m.reason)
+            if key not in seen_misses:
+                seen_misses.add(key)
+                report.misses.append(MissRecord(m.fqn, m.kind, m.reason, m.node))
+        chosen = []
+        for s in sites:
+            if step.selects(s.fqn):
+                chosen.append(s)
+            else:
+                report.sites.append(SiteRecord(s.fqn, rw.kind, rw.name, "skipped", "not selected by targets",
+                                               s.pattern))
+        report.timings["match"] = report.timings.get("match", 0.0) + time.perf_counter() - t
+
+        t = time.perf_counter()
+        needed = set()
+        for s in chosen:
+            needed.update(rw.needs(s))
+        env = record(gm, flat, needed) if chosen else {}
+        if rw.kind == "attention":
+            chosen = [refine_causal(s, env) for s in chosen]
+        for s in chosen:
+            rec = SiteRecord(s.fqn, rw.kind, rw.name, "applied", pattern=s.pattern, info=rw.describe(s))
+            new = apply_site(gm, rw, s, params)
+            try:
+                with torch.no_grad():
+                    rec.error = error_stats(evaluate(gm, new, env), env[s.out])
+                failure = None
+            except Exception as e:  # noqa: BLE001 - a failing kernel rolls the site back, with the cause
+                failure = f"replacement failed on the example inputs: {type(e).__name__}: {e}"
+            too_far = rec.error is not None and not rec.error["rel"] <= recipe.verify.rtol
+            if failure or (rw.exact and too_far):
+                rollback_site(gm, s, new)
+                rec.status = "rolled_back"
+                rec.reason = failure or (f"relative error {rec.error['rel']:.2e} > rtol {recipe.verify.rtol:g} "
+                                         "for an exact rewrite")
+            report.sites.append(rec)
+        dead_code(gm)
+        report.timings["rewrite"] = report.timings.get("rewrite", 0.0) + time.perf_counter() - t
+    report.nodes_after = len(gm.graph.nodes)
+
+    if verify:
+        say("verify")
+        t = time.perf_counter()
+        with torch.no_grad():
+            ref = captured.model(*args, **kwargs)
+            got = gm(*args, **kwargs)
+        report.outputs = compare_outputs(ref, got, recipe.verify.atol)
+        report.timings["verify"] = time.perf_counter() - t
+    return OptimizedModel(gm, report, recipe, graph_module=gm)

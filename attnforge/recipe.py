@@ -1,0 +1,164 @@
+"""Recipes: which rewrites run, in which order, on which modules (DESIGN.md, "Rewrites").
+
+A recipe is a builtin name, a YAML/JSON file, a dict or a ``Recipe``; it is validated before
+anything runs and every problem becomes a ``RecipeError`` naming the field.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(_Strict):
+    """Exact rewrites take no parameters."""
+
+
+# rewrite name -> its parameter model. Later rewrites add themselves here.
+REWRITE_PARAMS: dict[str, type[BaseModel]] = {
+    "fuse_attention": NoParams,
+    "fuse_ffn": NoParams,
+}
+
+
+class Step(_Strict):
+    rewrite: str
+    targets: list[str] | None = Field(
+        default=None, description="fnmatch patterns on module FQNs, or 're:' + a regex; all sites when absent")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, v):
+        for t in v or []:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {t[3:]!r}: {e}") from None
+        return v
+
+    def selects(self, fqn: str) -> bool:
+        if self.targets is None:
+            return True
+        for t in self.targets:
+            if t.startswith("re:"):
+                if re.fullmatch(t[3:], fqn):
+                    return True
+            elif fnmatch.fnmatchcase(fqn, t):
+                return True
+        return False
+
+
+class VerifyConfig(_Strict):
+    rtol: float = Field(default=1e-5, gt=0, description="relative max error allowed for exact rewrites, per site")
+    atol: float = Field(default=1e-4, ge=0, description="absolute error reported as pass/fail for model outputs")
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    steps: list[Step] = Field(min_length=1)
+    verify: VerifyConfig = VerifyConfig()
+
+    def params_of(self, i: int) -> BaseModel:
+        step = self.steps[i]
+        return REWRITE_PARAMS[step.rewrite](**step.params)
+
+
+BUILTIN: dict[str, dict] = {
+    "exact": {
+        "name": "exact",
+        "description": "fuse every attention core and FFN into one op each; numerically equal to the model",
+        "steps": [{"rewrite": "fuse_attention"}, {"rewrite": "fuse_ffn"}],
+    },
+    "fuse-attention": {
+        "name": "fuse-attention",
+        "description": "fuse attention cores only",
+        "steps": [{"rewrite": "fuse_attention"}],
+    },
+}
+
+
+def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
+    """Validate ``recipe`` (builtin name, file path, dict or Recipe) into a ``Recipe``."""
+    if isinstance(recipe, Recipe):
+        return _validate(recipe.model_dump())
+    if isinstance(recipe, dict):
+        return _validate(recipe)
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text in BUILTIN:
+            return _validate(BUILTIN[text])
+        path = Path(text)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+            if not path.exists():
+                raise RecipeError(f"recipe file {text!r} does not exist", "recipe")
+            try:
+                data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(
+                    path.read_text())
+            except (yaml.YAMLError, json.JSONDecodeError) as e:
+                raise RecipeError(f"cannot parse {text!r}: {e}", "recipe") from None
+            if not isinstance(data, dict):
+                raise RecipeError(f"{text!r} must hold a mapping with 'steps'", "recipe")
+            return _validate(data)
+        raise RecipeError(f"unknown recipe {text!r}; builtin recipes: {', '.join(BUILTIN)}", "recipe")
+    raise RecipeError(f"a recipe is a name, a path, a dict or a Recipe, not {type(recipe).__name__}", "recipe")
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validate(data: dict) -> Recipe:
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RecipeError(f"{err['msg']} (got {err.get('input')!r})", _loc(err["loc"])) from None
+    except TypeError as e:
+        raise RecipeError(str(e), "recipe") from None
+    for i, step in enumerate(recipe.steps):
+        if step.rewrite not in REWRITE_PARAMS:
+            raise RecipeError(f"unknown rewrite {step.rewrite!r}; available: {', '.join(REWRITE_PARAMS)}",
+                              f"steps[{i}].rewrite")
+        try:
+            recipe.params_of(i)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = _loc(("steps", i, "params") + tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(REWRITE_PARAMS[step.rewrite].model_fields) or "none"
+                msg = f"unknown parameter for {step.rewrite} (known: {known})"
+            raise RecipeError(f"{msg} (got {err.get('input')!r})", field) from None
+    return recipe
+
+
+def recipe_schema() -> dict:
+    """JSON Schema of recipe files."""
+    schema = Recipe.model_json_schema()
+    schema["properties"]["steps"]["items"] = {
+        "oneOf": [
+            {"type": "object", "additionalProperties": False, "required": ["rewrite"],
+             "properties": {"rewrite": {"const": name},
+                            "targets": {"type": "array", "items": {"type": "string"}},
+                            "params": model.model_json_schema()}}
+            for name, model in REWRITE_PARAMS.items()
+        ]
+    }
+    return schema

@@ -1,0 +1,121 @@
+"""What ``optimize`` did: sites, misses, errors, timings. Text (rich) and JSON views."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SiteRecord:
+    fqn: str
+    kind: str  # attention | ffn
+    rewrite: str
+    status: str  # applied | rolled_back | skipped
+    reason: str = ""
+    pattern: str = ""
+    error: dict | None = None  # local error of the rewritten site vs the original subgraph
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class MissRecord:
+    fqn: str
+    kind: str
+    reason: str
+    node: str = ""
+
+
+@dataclass
+class Report:
+    model: str = ""
+    recipe: str = ""
+    capture_method: str = ""
+    capture_error: str = ""
+    dynamic: bool = False
+    notes: list[str] = field(default_factory=list)
+    sites: list[SiteRecord] = field(default_factory=list)
+    misses: list[MissRecord] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+    # ------------------------------------------------------------------ queries
+    def counts(self) -> dict[str, int]:
+        """{rewrite name: number of sites it was applied to}."""
+        out: dict[str, int] = {}
+        for s in self.sites:
+            if s.status == "applied":
+                out[s.rewrite] = out.get(s.rewrite, 0) + 1
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.capture_error and all(o.get("passed", False) for o in self.outputs)
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["counts"] = self.counts()
+        return _finite(d)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_text(self, width: int = 120) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        self.render(console)
+        return buf.getvalue()
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        head = f"attnforge report: {self.model or 'model'} with recipe {self.recipe!r}"
+        console.print(head)
+        if self.capture_error:
+            console.print(f"capture failed, the model runs unchanged:\n{self.capture_error}")
+        else:
+            console.print(f"captured with {self.capture_method} ({'dynamic' if self.dynamic else 'static'} shapes); "
+                          f"graph nodes {self.nodes_before} -> {self.nodes_after}; applied {self.counts() or 'nothing'}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+        if self.sites:
+            t = Table(title="sites", show_lines=False)
+            for col in ("module", "kind", "rewrite", "status", "local rel. error", "detail"):
+                t.add_column(col)
+            for s in self.sites:
+                err = f"{s.error['rel']:.2e}" if s.error else ""
+                t.add_row(s.fqn or "<root>", s.kind, s.rewrite, s.status, err, s.reason or s.pattern)
+            console.print(t)
+        if self.misses:
+            t = Table(title="near misses (not rewritten)")
+            for col in ("module", "kind", "reason"):
+                t.add_column(col)
+            for m in self.misses:
+                t.add_row(m.fqn or "<root>", m.kind, m.reason)
+            console.print(t)
+        if self.outputs:
+            t = Table(title="outputs vs original")
+            for col in ("", "output", "max abs", "rel", "cosine"):
+                t.add_column(col)
+            for o in self.outputs:
+                t.add_row("[✓]" if o["passed"] else "[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
+                          f"{o['cosine']:.6f}")
+            console.print(t)
+        if self.timings:
+            console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x

@@ -1,0 +1,191 @@
+"""One spelling per op, so each pattern is written once.
+
+* ``operator.*``, ``torch.*``/``F.*`` functions, tensor methods and leaf modules (symbolic_trace
+  graphs) become aten overloads;
+* ``x / c`` for a constant c becomes ``x * (1/c)``; ``c * x`` becomes ``x * c``;
+* ``bmm`` becomes ``matmul``; ``baddbmm(M, a, b, beta, alpha)`` becomes ``alpha·matmul(a, b) + beta·M``;
+* export's ``_assert_tensor_metadata`` checks are dropped (they would pin the values they read);
+* ``permute`` that only swaps the last two dims becomes ``transpose``; transpose dims are
+  written non-negative and in increasing order; ``_softmax`` becomes ``softmax``.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from attnforge.patterns.graph import aten, is_op, scalar, shape
+
+from .manager import dead_code
+
+# (function or method name) -> aten overload, for graphs from torch.fx.symbolic_trace
+_BINARY = {
+    operator.add: aten.add.Tensor, torch.add: aten.add.Tensor, "add": aten.add.Tensor,
+    operator.sub: aten.sub.Tensor, torch.sub: aten.sub.Tensor, "sub": aten.sub.Tensor,
+    operator.mul: aten.mul.Tensor, torch.mul: aten.mul.Tensor, "mul": aten.mul.Tensor,
+    operator.truediv: aten.div.Tensor, torch.div: aten.div.Tensor, "div": aten.div.Tensor,
+    operator.matmul: aten.matmul.default, torch.matmul: aten.matmul.default, "matmul": aten.matmul.default,
+    torch.bmm: aten.matmul.default, "bmm": aten.matmul.default,
+}
+_UNARY = {
+    F.relu: aten.relu.default, torch.relu: aten.relu.default, "relu": aten.relu.default,
+    F.silu: aten.silu.default, torch.tanh: aten.tanh.default, "tanh": aten.tanh.default,
+    torch.sigmoid: aten.sigmoid.default, "sigmoid": aten.sigmoid.default,
+    "contiguous": aten.contiguous.default, torch.exp: aten.exp.default, torch.erf: aten.erf.default,
+}
+_MODULES = {nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default, nn.Tanh: aten.tanh.default,
+            nn.Sigmoid: aten.sigmoid.default}
+
+
+def canonicalize(gm: GraphModule) -> Counter:
+    """Rewrite ``gm`` in place into canonical aten form; return how many nodes each rule changed."""
+    counts: Counter = Counter()
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+            g.erase_node(node)  # export-time dtype checks; they would pin every value they read
+            counts["drop_assert"] += 1
+            continue
+        new = None
+        with g.inserting_before(node):
+            if node.op in ("call_function", "call_method", "call_module"):
+                new = _to_aten(gm, node)
+                if new is not None:
+                    counts["to_aten"] += 1
+            target = new if new is not None else node
+            better = _normalise(g, target)
+            if better is not None:
+                counts[f"normalise:{_name(target)}"] += 1
+                if new is not None:
+                    new.replace_all_uses_with(better)
+                    g.erase_node(new)
+                new = better
+        if new is not None and new is not node:
+            new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta or k == "val"})
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    dead_code(gm)
+    return counts
+
+
+def _name(node: Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _call(g, target, args, kwargs=None) -> Node:
+    return g.call_function(target, tuple(args), kwargs or {})
+
+
+def _to_aten(gm: GraphModule, node: Node) -> Node | None:
+    """The aten spelling of a torch-level call, or None if it is one already / unknown."""
+    g, t, a, kw = gm.graph, node.target, node.args, node.kwargs
+    if node.op == "call_module":
+        mod = gm.get_submodule(t)
+        if isinstance(mod, nn.Linear):
+            w = g.get_attr(f"{t}.weight")
+            b = g.get_attr(f"{t}.bias") if mod.bias is not None else None
+            new = _call(g, aten.linear.default, (a[0], w, b))
+            new.meta["attnforge_fqn"] = t
+            return new
+        if isinstance(mod, nn.Dropout):
+            return _call(g, aten.dropout.default, (a[0], mod.p, mod.training))
+        if isinstance(mod, nn.GELU):
+            return _call(g, aten.gelu.default, (a[0],), {"approximate": mod.approximate})
+        if type(mod) in _MODULES:
+            return _call(g, _MODULES[type(mod)], (a[0],))
+        return None
+    key = t if node.op == "call_function" else t if isinstance(t, str) else None
+    if key is None or isinstance(t, torch._ops.OpOverload):
+        return None
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    if key in _BINARY and len(a) == 2 and not kw:
+        x, y = a
+        if not isinstance(x, Node) and isinstance(y, Node) and _BINARY[key] in (aten.add.Tensor, aten.mul.Tensor):
+            x, y = y, x
+        if isinstance(x, Node):
+            return _call(g, _BINARY[key], (x, y))
+        return None
+    if key in _UNARY and len(a) == 1 and not kw:
+        return _call(g, _UNARY[key], a)
+    if key in (F.softmax, torch.softmax, "softmax"):
+        dim = a[1] if len(a) > 1 else kw.get("dim")
+        return _call(g, aten.softmax.int, (a[0], dim, kw.get("dtype")))
+    if key in (torch.transpose, "transpose") and len(a) == 3:
+        return _call(g, aten.transpose.int, a)
+    if key in (torch.permute, "permute"):
+        dims = list(a[1]) if len(a) == 2 and isinstance(a[1], (list, tuple)) else list(a[1:])
+        return _call(g, aten.permute.default, (a[0], dims))
+    if key in ("view", "reshape", torch.reshape):
+        dims = list(a[1]) if len(a) == 2 and isinstance(a[1], (list, tuple)) else list(a[1:])
+        return _call(g, aten.view.default if key == "view" else aten.reshape.default, (a[0], dims))
+    if key in ("masked_fill", torch.masked_fill) and scalar(a[2] if len(a) > 2 else None) is not None:
+        return _call(g, aten.masked_fill.Scalar, a[:3])
+    if key is F.dropout:
+        p = a[1] if len(a) > 1 else kw.get("p", 0.5)
+        train = a[2] if len(a) > 2 else kw.get("training", True)
+        return _call(g, aten.dropout.default, (a[0], p, train))
+    if key is F.scaled_dot_product_attention:
+        names = ["attn_mask", "dropout_p", "is_causal"]
+        extra = {n: v for n, v in zip(names, a[3:])}
+        extra.update({k: v for k, v in kw.items()})
+        args = (a[0], a[1], a[2], extra.pop("attn_mask", None), extra.pop("dropout_p", 0.0),
+                extra.pop("is_causal", False))
+        return _call(g, aten.scaled_dot_product_attention.default, args, extra)
+    if key is F.linear:
+        b = a[2] if len(a) > 2 else kw.get("bias")
+        return _call(g, aten.linear.default, (a[0], a[1], b))
+    if key in (F.gelu, "gelu"):
+        return _call(g, aten.gelu.default, (a[0],), {"approximate": kw.get("approximate", "none")})
+    if key in ("unsqueeze", torch.unsqueeze) and len(a) == 2:
+        return _call(g, aten.unsqueeze.default, a)
+    if key in (torch.repeat_interleave, "repeat_interleave") and len(a) >= 2 and isinstance(a[1], int):
+        dim = a[2] if len(a) > 2 else kw.get("dim")
+        return _call(g, aten.repeat_interleave.self_int, (a[0], a[1], dim))
+    return None
+
+
+def _normalise(g, node: Node) -> Node | None:
+    """Canonical spelling of an aten call, or None if it already is canonical."""
+    if is_op(node, aten.div) and len(node.args) == 2 and scalar(node.args[1]) not in (None, 0.0) \
+            and not node.kwargs.get("rounding_mode"):
+        return _call(g, aten.mul.Tensor, (node.args[0], 1.0 / scalar(node.args[1])))
+    if is_op(node, aten.mul) and len(node.args) == 2 and scalar(node.args[0]) is not None \
+            and isinstance(node.args[1], Node):
+        return _call(g, aten.mul.Tensor, (node.args[1], node.args[0]))
+    if is_op(node, aten.mul) and node.target is aten.mul.Scalar:
+        return _call(g, aten.mul.Tensor, node.args)
+    if is_op(node, aten.bmm):
+        return _call(g, aten.matmul.default, node.args[:2])
+    if is_op(node, aten.baddbmm):
+        inp, b1, b2 = node.args[:3]
+        beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+        alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+        out = _call(g, aten.matmul.default, (b1, b2))
+        out.meta["val"] = node.meta.get("val")
+        if alpha != 1:
+            out = _call(g, aten.mul.Tensor, (out, float(alpha)))
+            out.meta["val"] = node.meta.get("val")
+        if beta != 0:
+            term = inp if beta == 1 else _call(g, aten.mul.Tensor, (inp, float(beta)))
+            out = _call(g, aten.add.Tensor, (out, term))
+        return out
+    if node.target is aten._softmax.default:
+        return _call(g, aten.softmax.int, (node.args[0], node.args[1]))
+    nd = len(shape(node.args[0])) if node.op == "call_function" and node.args and shape(node.args[0]) else None
+    if is_op(node, aten.permute) and nd:
+        perm = [d % nd for d in node.args[1]]
+        moved = [i for i, d in enumerate(perm) if d != i]
+        if len(moved) == 2 and perm[moved[0]] == moved[1]:
+            return _call(g, aten.transpose.int, (node.args[0], moved[0], moved[1]))
+    if node.target is aten.transpose.int and nd:
+        d0, d1 = sorted(d % nd for d in node.args[1:3])
+        if (d0, d1) != tuple(node.args[1:3]):
+            return _call(g, aten.transpose.int, (node.args[0], d0, d1))
+    return None

@@ -1,0 +1,303 @@
+"""Find attention cores in a canonical aten graph.
+
+Two spellings cover the models we know: a ``scaled_dot_product_attention`` call, and the eager
+chain ``matmul(q, kᵀ) → scale → mask → softmax → dropout → matmul(·, v)`` with the scale on q, on k,
+on the scores, or split between them, and the mask added, ``masked_fill``-ed or ``where``-d.
+Everything between the two matmuls is folded into one record:
+
+    softmax(s · q kᵀ + M) v,   s = product of every scalar factor,   M = Σ mask terms × their factor.
+
+A chain that looks like attention but cannot be folded exactly becomes a ``Miss`` with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch.fx import Graph, Node
+
+from .graph import aten, call_args, fqn_of, is_op, scalar, shape, static_int
+from .projections import trace_projection
+from .sites import AttentionSite, Miss
+
+SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
+_PASS_THROUGH = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.type_as)
+_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten)
+# a masked_fill/where value this negative removes the key exactly as an additive mask would
+_MASK_FLOOR = -1.0e4
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def match_attention(graph: Graph) -> tuple[list[AttentionSite], list[Miss]]:
+    sites: list[AttentionSite] = []
+    misses: list[Miss] = []
+    for node in graph.nodes:
+        try:
+            if is_op(node, aten.scaled_dot_product_attention):
+                sites.append(_match_sdpa(node))
+            elif is_op(node, *SOFTMAX):
+                sites.append(_match_eager(node))
+        except _NoMatch as e:
+            misses.append(Miss(fqn_of(node), "attention", str(e), node.name))
+    return sites, misses
+
+
+# --------------------------------------------------------------------------- SDPA
+
+
+def _match_sdpa(node: Node) -> AttentionSite:
+    a = call_args(node)
+    q, k, v = a["query"], a["key"], a["value"]
+    qs = shape(q)
+    if qs is None or len(qs) < 3:
+        raise _NoMatch("query shape unknown or rank < 3")
+    head_dim = static_int(qs[-1])
+    if head_dim is None:
+        raise _NoMatch("head dim is not static")
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(head_dim)
+    k0, v0 = _unrepeat_kv(k, v)
+    mask = a["attn_mask"]
+    is_bool = mask is not None and mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool
+    return _site(node, q, k0, v0, node, scale=float(scale), mask=mask, mask_is_bool=is_bool,
+                 causal=bool(a["is_causal"]), sdpa_causal=bool(a["is_causal"]),
+                 dropout_p=float(a["dropout_p"] or 0.0), pattern="sdpa", core=(node,),
+                 parts=((mask, 1.0, "bool" if is_bool else "add"),) if mask is not None else ())
+
+
+# --------------------------------------------------------------------------- eager
+
+
+def _match_eager(softmax: Node) -> AttentionSite:
+    sa = call_args(softmax)
+    x = softmax.args[0]
+    xs = shape(x)
+    dim = sa["dim"]
+    if xs is None or dim not in (-1, len(xs) - 1):
+        raise _NoMatch(f"softmax over dim {dim}, not the key dim")
+    # forward: softmax -> (dtype casts, dropout) -> matmul(probs, v)
+    core, cur, dropout_p = [softmax], softmax, 0.0
+    while True:
+        if len(cur.users) != 1:
+            raise _NoMatch("attention weights are used outside the core (need_weights / output_attentions)")
+        u = next(iter(cur.users))
+        if is_op(u, aten.dropout, aten.native_dropout):
+            if u.args[2] if len(u.args) > 2 else u.kwargs.get("train", False):
+                dropout_p = float(u.args[1])
+        elif is_op(u, *_PASS_THROUGH):
+            pass
+        elif is_op(u, aten.matmul) and u.args[0] is cur:
+            pv = u
+            break
+        else:
+            raise _NoMatch(f"softmax output flows into {getattr(u.target, '__name__', u.target)}, not a matmul with v")
+        core.append(u)
+        cur = u
+    v = pv.args[1]
+    # backward: softmax input -> ... -> matmul(q, kT)
+    qk, coef, parts, chain = _walk_scores(x)
+    q, qscale = _peel_scale(qk.args[0])
+    kt, kscale1 = _peel_scale(qk.args[1])
+    k = _untranspose(kt)
+    if k is None:
+        raise _NoMatch("the key operand of q·kᵀ is not an explicit transpose of k")
+    k, kscale2 = _peel_scale(k)
+    scale = coef * qscale * kscale1 * kscale2
+    k0, v0 = _unrepeat_kv(k, v)
+    if any(len(n.users) != 1 for n in chain) or len(qk.users) != 1:
+        raise _NoMatch("attention scores are used outside the core")
+    return _site(softmax, q, k0, v0, pv, scale=scale, mask=parts[0][0] if len(parts) == 1 and parts[0][2] == "add"
+                 and parts[0][1] == 1.0 else None, mask_is_bool=False, causal=False, sdpa_causal=False,
+                 dropout_p=dropout_p, pattern="eager", core=tuple(chain + [qk] + core + [pv]), parts=tuple(parts))
+
+
+def _walk_scores(x: Node):
+    """Follow the softmax input back to q·kᵀ, collecting the scale factor and the mask terms."""
+    parts: list[tuple[Node, float, str]] = []
+    chain: list[Node] = []
+
+    def walk(n, coef):
+        if is_op(n, aten.matmul):
+            return n, coef
+        chain.append(n)
+        if is_op(n, aten.mul) and scalar(n.args[1]) is not None:
+            return walk(n.args[0], coef * scalar(n.args[1]))
+        if is_op(n, aten.div) and scalar(n.args[1]) is not None:
+            return walk(n.args[0], coef / scalar(n.args[1]))
+        if is_op(n, aten.add) or is_op(n, aten.sub):
+            a, b = n.args[:2]
+            alpha = n.kwargs.get("alpha", 1)
+            sign = -1.0 if is_op(n, aten.sub) else 1.0
+            if scalar(b) is not None:  # a constant shift: softmax does not see it
+                return walk(a, coef)
+            if _reaches_qk(a):
+                parts.append((b, coef * alpha * sign, "add"))
+                return walk(a, coef)
+            if _reaches_qk(b) and sign > 0:
+                parts.append((a, coef, "add"))
+                return walk(b, coef)
+            raise _NoMatch("scores add two tensors and neither is q·kᵀ")
+        if is_op(n, aten.masked_fill):
+            value = scalar(n.args[2])
+            if value is None or value > _MASK_FLOOR:
+                raise _NoMatch(f"masked_fill value {n.args[2]!r} is not a large negative constant")
+            parts.append((n.args[1], coef * value, "fill"))
+            return walk(n.args[0], coef)
+        if is_op(n, aten.where) and len(n.args) == 3:
+            cond, a, b = n.args
+            value = scalar(b)
+            if value is None and is_op(b, aten.full, aten.scalar_tensor) and isinstance(b.args[-1], (int, float)):
+                value = float(b.args[-1])
+            if value is None or value > _MASK_FLOOR or not _reaches_qk(a):
+                raise _NoMatch("where() on scores is not a keep-mask with a large negative fill")
+            parts.append((cond, coef * value, "keep"))
+            return walk(a, coef)
+        if is_op(n, *_PASS_THROUGH):
+            return walk(n.args[0], coef)
+        name = getattr(getattr(n, "target", None), "__name__", str(getattr(n, "target", n)))
+        raise _NoMatch(f"softmax input comes from {name}, not a q·kᵀ matmul")
+
+    qk, coef = walk(x, 1.0)
+    return qk, coef, parts, chain
+
+
+def _reaches_qk(n, depth: int = 8) -> bool:
+    if is_op(n, aten.matmul):
+        return True
+    if depth == 0 or not isinstance(n, Node):
+        return False
+    if is_op(n, aten.mul, aten.div) and scalar(n.args[1]) is not None:
+        return _reaches_qk(n.args[0], depth - 1)
+    if is_op(n, aten.add, aten.sub, aten.masked_fill, *_PASS_THROUGH):
+        return _reaches_qk(n.args[0], depth - 1) or (
+            is_op(n, aten.add) and _reaches_qk(n.args[1], depth - 1))
+    if is_op(n, aten.where) and len(n.args) == 3:
+        return _reaches_qk(n.args[1], depth - 1)
+    return False
+
+
+def _peel_scale(n: Node) -> tuple[Node, float]:
+    s = 1.0
+    while True:
+        if is_op(n, aten.mul) and scalar(n.args[1]) is not None:
+            s *= scalar(n.args[1])
+            n = n.args[0]
+        elif is_op(n, aten.div) and scalar(n.args[1]) is not None:
+            s /= scalar(n.args[1])
+            n = n.args[0]
+        else:
+            return n, s
+
+
+def _untranspose(kt: Node) -> Node | None:
+    """k for kt = kᵀ (a transpose of the last two dims)."""
+    ks = shape(kt)
+    if ks is None:
+        return None
+    nd = len(ks)
+    if is_op(kt, aten.transpose):
+        dims = sorted(d % nd for d in kt.args[1:3])
+        if dims == [nd - 2, nd - 1]:
+            return kt.args[0]
+    if is_op(kt, aten.permute):
+        perm = [d % nd for d in kt.args[1]]
+        if perm == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return kt.args[0]
+    return None
+
+
+def _unrepeat_kv(k: Node, v: Node) -> tuple[Node, Node]:
+    """Undo repeat_kv (unsqueeze→expand→reshape, or repeat_interleave) when both k and v use it."""
+    k0, gk = _unrepeat(k)
+    v0, gv = _unrepeat(v)
+    if gk > 1 and gk == gv:
+        return k0, v0
+    return k, v
+
+
+def _unrepeat(n: Node) -> tuple[Node, int]:
+    if is_op(n, *_VIEWS):
+        e = n.args[0]
+        while is_op(e, aten.clone, aten.contiguous):
+            e = e.args[0]
+        u = _skip_full_slices(e.args[0]) if is_op(e, aten.expand) else None
+        if is_op(u, aten.unsqueeze):
+            base, es, ns = _skip_full_slices(u.args[0]), shape(e), shape(n)
+            bs = shape(base)
+            if es is None or ns is None or bs is None or len(es) != len(ns) + 1 or len(bs) != len(ns):
+                return n, 1
+            hd = len(ns) - 3  # head dim of [.., H, N, D]
+            if u.args[1] % len(es) != hd + 1:
+                return n, 1
+            g = static_int(es[hd + 1])
+            if g and static_int(bs[hd]) and static_int(ns[hd]) == static_int(bs[hd]) * g:
+                return base, g
+    if is_op(n, aten.repeat_interleave) and len(n.args) >= 2 and isinstance(n.args[1], int):
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        ns = shape(n)
+        if ns is not None and dim is not None and dim % len(ns) == len(ns) - 3:
+            return n.args[0], n.args[1]
+    return n, 1
+
+
+def _skip_full_slices(n):
+    """Skip ``x[:, :, ...]``-style slices that keep the whole dim (export writes them for indexing)."""
+    while is_op(n, aten.slice, aten.alias):
+        if is_op(n, aten.slice):
+            a = call_args(n)
+            if a["start"] not in (None, 0) or a["step"] != 1 or (
+                    a["end"] is not None and a["end"] < 2**62 and a["end"] != shape(a["self"])[a["dim"]]):
+                return n
+            n = a["self"]
+        else:
+            n = n.args[0]
+    return n
+
+
+# --------------------------------------------------------------------------- site record
+
+
+def _site(anchor: Node, q, k, v, out, *, scale, mask, mask_is_bool, causal, sdpa_causal, dropout_p,
+          pattern, core, parts) -> AttentionSite:
+    qs, ks = shape(q), shape(k)
+    if qs is None or ks is None or len(qs) < 3 or len(qs) != len(ks):
+        raise _NoMatch("q/k shapes unknown or of different rank")
+    heads, kv_heads, head_dim = static_int(qs[-3]), static_int(ks[-3]), static_int(qs[-1])
+    if None in (heads, kv_heads, head_dim) or heads % kv_heads:
+        raise _NoMatch(f"head counts {qs[-3]}/{ks[-3]} are not static multiples")
+    proj, rope = {}, None
+    for name, n in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+        p, r = trace_projection(n)
+        if p is not None:
+            proj[name] = p.fqn
+        rope = rope or r
+    fqn = fqn_of(anchor)
+    return AttentionSite(fqn=fqn, q=q, k=k, v=v, out=out, num_heads=heads, num_kv_heads=kv_heads,
+                         head_dim=head_dim, scale=float(scale), causal=causal, mask=mask,
+                         dropout_p=dropout_p, proj=proj, rope=rope, pattern=pattern, core_nodes=core,
+                         mask_parts=parts, mask_is_bool=mask_is_bool, sdpa_causal=sdpa_causal)
+
+
+def refine_causal(site: AttentionSite, values: dict) -> AttentionSite:
+    """Set ``site.causal`` when its mask hides every key after the query on the example inputs."""
+    if site.sdpa_causal or not site.mask_parts:
+        return site
+    for node, coef, kind in site.mask_parts:
+        m = values.get(node)
+        if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] < 2:
+            continue
+        upper = torch.ones(m.shape[-2:], dtype=torch.bool).triu(1)
+        if kind == "add":
+            hidden = (m * coef) <= _MASK_FLOOR
+        elif kind == "bool":
+            hidden = ~m.bool()
+        elif kind == "fill":
+            hidden = m.bool()
+        else:  # keep
+            hidden = ~m.bool()
+        if bool(hidden[..., upper].all()):
+            return dataclasses.replace(site, causal=True)
+    return site

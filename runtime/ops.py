@@ -1,0 +1,101 @@
+"""The custom ops that rewritten graphs call (namespace ``attnforge``).
+
+Each op has a CPU kernel (vectorised PyTorch, no Python loop over tokens) and a fake
+implementation so graphs that contain it still trace and export.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import ACTIVATIONS
+
+
+# --------------------------------------------------------------------------- exact attention
+
+
+@torch.library.custom_op("attnforge::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+              dropout_p: float) -> Tensor:
+    """softmax(scale · q kᵀ + mask) v over the last two dims (Vaswani et al., 2017).
+
+    q: [..., H, N, D]; k, v: [..., Hkv, M, D] with H a multiple of Hkv (grouped-query attention,
+    Ainslie et al., 2023): query head h reads key/value head h // (H / Hkv). ``mask`` is additive
+    (float) or a boolean keep-mask, broadcastable to [..., H, N, M]. ``causal`` hides key j > i.
+    """
+    return attention_cpu(q, k, v, mask, scale, causal, dropout_p)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, causal, dropout_p):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def attention_cpu(q, k, v, mask, scale, causal, dropout_p):
+    squeeze = q.dim() == 3
+    if squeeze:  # [B*H, N, D] spellings (bmm-based attention)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(0)
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if heads == kv_heads:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                             is_causal=causal, scale=scale)
+    else:
+        out = _grouped(q, k, v, mask, scale, causal, dropout_p, heads // kv_heads)
+    return out.squeeze(0) if squeeze else out
+
+
+def _grouped(q, k, v, mask, scale, causal, dropout_p, groups):
+    """GQA without repeating k/v: one SDPA call per position inside a group of query heads."""
+    kv_heads = k.shape[-3]
+    qg = q.unflatten(-3, (kv_heads, groups))  # [..., Hkv, G, N, D]
+    per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == q.shape[-3] and q.shape[-3] > 1
+    if per_head_mask:
+        mask = mask.unflatten(-3, (kv_heads, groups))
+    outs = []
+    for j in range(groups):
+        m = mask[..., j, :, :] if per_head_mask else mask
+        outs.append(F.scaled_dot_product_attention(qg[..., j, :, :], k, v, attn_mask=m, dropout_p=dropout_p,
+                                                   is_causal=causal, scale=scale))
+    return torch.stack(outs, dim=-3).flatten(-4, -3)
+
+
+# --------------------------------------------------------------------------- exact FFN
+
+
+@torch.library.custom_op("attnforge::ffn", mutates_args=())
+def ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor],
+        w_gate: Optional[Tensor], b_gate: Optional[Tensor], activation: str, layout: str) -> Tensor:
+    """down(act(up(x))), or down(act(gate(x)) ⊙ up(x)) when a gate is given (GLU variants, Shazeer 2020).
+
+    ``layout`` "out_in": W is [out, in] (nn.Linear, y = x Wᵀ + b); "in_out": W is [in, out]
+    (GPT-2 Conv1D, y = x W + b).
+    """
+    return ffn_cpu(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout)
+
+
+@ffn.register_fake
+def _(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout):
+    out = w_down.shape[0] if layout == "out_in" else w_down.shape[1]
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def _project(x, w, b, layout):
+    if layout == "out_in":
+        return F.linear(x, w, b)
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(b, flat, w) if b is not None else flat @ w
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
+def ffn_cpu(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout):
+    act = ACTIVATIONS[activation]
+    if w_gate is not None:
+        h = act(_project(x, w_gate, b_gate, layout)) * _project(x, w_up, b_up, layout)
+    else:
+        h = act(_project(x, w_up, b_up, layout))
+    return _project(h, w_down, b_down, layout)
