@@ -5,8 +5,11 @@ The result is an ``fx.GraphModule`` whose parameters are ``get_attr`` nodes, wit
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -66,8 +69,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
     tries = [True, False] if dynamic else [False]
     for dyn in tries:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet():
                 ds = _auto_shapes(model, args, kwargs) if dyn else None
                 ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=ds, strict=False)
                 gm = ep.module()
@@ -76,13 +78,28 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
         except Exception as e:  # noqa: BLE001 - every failure is reported, with its cause
             errors.append(f"torch.export{' (dynamic)' if dyn else ''}: {type(e).__name__}: {_first_line(e)}")
     try:
-        gm = torch.fx.symbolic_trace(model)
-        _record_values(gm, args, kwargs)
+        with _quiet():
+            gm = torch.fx.symbolic_trace(model)
+            _record_values(gm, args, kwargs)
         return Captured(gm, "symbolic_trace", True,
                         [f"torch.export failed; used torch.fx.symbolic_trace ({errors[-1]})"], model)
     except Exception as e:  # noqa: BLE001
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(errors))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's own logging and warnings while a capture attempt runs; failures are reported by us."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        # export prints the partial graph of a failed trace to stderr; the error we raise says why
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _first_line(e: Exception) -> str:

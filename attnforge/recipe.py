@@ -5,6 +5,7 @@ anything runs and every problem becomes a ``RecipeError`` naming the field.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import re
@@ -124,28 +125,38 @@ def _loc(loc) -> str:
     return out
 
 
+def _first_error(e: ValidationError, known: list[str]) -> dict:
+    """The most telling error: an unknown (misspelled) key explains a missing one, so it comes first."""
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    err = dict(errors[0])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        err["msg"] = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})")
+    return err
+
+
 def _validate(data: dict) -> Recipe:
     try:
         recipe = Recipe(**data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = _first_error(e, list(Recipe.model_fields) + list(Step.model_fields) + list(VerifyConfig.model_fields))
         raise RecipeError(f"{err['msg']} (got {err.get('input')!r})", _loc(err["loc"])) from None
     except TypeError as e:
         raise RecipeError(str(e), "recipe") from None
     for i, step in enumerate(recipe.steps):
         if step.rewrite not in REWRITE_PARAMS:
-            raise RecipeError(f"unknown rewrite {step.rewrite!r}; available: {', '.join(REWRITE_PARAMS)}",
+            close = difflib.get_close_matches(step.rewrite, list(REWRITE_PARAMS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown rewrite {step.rewrite!r}{hint}; available: {', '.join(REWRITE_PARAMS)}",
                               f"steps[{i}].rewrite")
         try:
             recipe.params_of(i)
         except ValidationError as e:
-            err = e.errors()[0]
+            err = _first_error(e, list(REWRITE_PARAMS[step.rewrite].model_fields))
             field = _loc(("steps", i, "params") + tuple(err["loc"]))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                known = ", ".join(REWRITE_PARAMS[step.rewrite].model_fields) or "none"
-                msg = f"unknown parameter for {step.rewrite} (known: {known})"
-            raise RecipeError(f"{msg} (got {err.get('input')!r})", field) from None
+            if err["type"] == "extra_forbidden" and not REWRITE_PARAMS[step.rewrite].model_fields:
+                err["msg"] = f"{step.rewrite} takes no parameters"
+            raise RecipeError(f"{err['msg']} (got {err.get('input')!r})", field) from None
     return recipe
 
 

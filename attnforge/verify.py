@@ -62,7 +62,7 @@ def compare_outputs(ref, got, atol: float, rtol: float = 0.0) -> list[dict]:
     for (path, r), g in zip(ref_leaves, got_leaves):
         if not isinstance(r, torch.Tensor):
             continue
-        name = pytree.keystr(path) or "output"
+        name = _path_name(path)
         if not r.is_floating_point():
             ok = isinstance(g, torch.Tensor) and torch.equal(g, r)
             rows.append({"name": name, "max_abs": 0.0 if ok else math.inf, "rel": 0.0 if ok else math.inf,
@@ -72,3 +72,16 @@ def compare_outputs(ref, got, atol: float, rtol: float = 0.0) -> list[dict]:
         st.update(name=name, passed=st["max_abs"] <= atol + rtol * float(r.abs().max() if r.numel() else 0))
         rows.append(st)
     return rows
+
+
+def _path_name(path) -> str:
+    """'last_hidden_state', '0', 'logits.1' for pytree key paths."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts) or "output"

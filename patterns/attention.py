@@ -265,7 +265,12 @@ def _site(anchor: Node, q, k, v, out, *, scale, mask, mask_is_bool, causal, sdpa
     qs, ks = shape(q), shape(k)
     if qs is None or ks is None or len(qs) < 3 or len(qs) != len(ks):
         raise _NoMatch("q/k shapes unknown or of different rank")
-    heads, kv_heads, head_dim = static_int(qs[-3]), static_int(ks[-3]), static_int(qs[-1])
+    if len(qs) == 3:  # bmm spelling: heads are folded into the batch dim, [B*H, N, D]
+        if str(qs[0]) != str(ks[0]):
+            raise _NoMatch(f"batched q/k leading dims differ ({qs[0]} vs {ks[0]})")
+        heads, kv_heads, head_dim = 1, 1, static_int(qs[-1])
+    else:
+        heads, kv_heads, head_dim = static_int(qs[-3]), static_int(ks[-3]), static_int(qs[-1])
     if None in (heads, kv_heads, head_dim) or heads % kv_heads:
         raise _NoMatch(f"head counts {qs[-3]}/{ks[-3]} are not static multiples")
     proj, rope = {}, None

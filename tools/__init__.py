@@ -1,0 +1,1 @@
+"""Command-line helpers: benchmarks and report rendering."""
