@@ -22,15 +22,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NoParams(_Strict):
-    """Exact rewrites take no parameters."""
+def rewrite_params() -> dict[str, type[BaseModel]]:
+    """rewrite name -> its parameter model; each pass declares its own (``passes/<rewrite>.py``)."""
+    from attnforge.passes import REGISTRY
 
-
-# rewrite name -> its parameter model. Later rewrites add themselves here.
-REWRITE_PARAMS: dict[str, type[BaseModel]] = {
-    "fuse_attention": NoParams,
-    "fuse_ffn": NoParams,
-}
+    return {name: p.params for name, p in REGISTRY.items()}
 
 
 class Step(_Strict):
@@ -75,7 +71,7 @@ class Recipe(_Strict):
 
     def params_of(self, i: int) -> BaseModel:
         step = self.steps[i]
-        return REWRITE_PARAMS[step.rewrite](**step.params)
+        return rewrite_params()[step.rewrite](**step.params)
 
 
 BUILTIN: dict[str, dict] = {
@@ -144,17 +140,17 @@ def _validate(data: dict) -> Recipe:
     except TypeError as e:
         raise RecipeError(str(e), "recipe") from None
     for i, step in enumerate(recipe.steps):
-        if step.rewrite not in REWRITE_PARAMS:
-            close = difflib.get_close_matches(step.rewrite, list(REWRITE_PARAMS), n=1)
+        if step.rewrite not in rewrite_params():
+            close = difflib.get_close_matches(step.rewrite, list(rewrite_params()), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"unknown rewrite {step.rewrite!r}{hint}; available: {', '.join(REWRITE_PARAMS)}",
+            raise RecipeError(f"unknown rewrite {step.rewrite!r}{hint}; available: {', '.join(rewrite_params())}",
                               f"steps[{i}].rewrite")
         try:
             recipe.params_of(i)
         except ValidationError as e:
-            err = _first_error(e, list(REWRITE_PARAMS[step.rewrite].model_fields))
+            err = _first_error(e, list(rewrite_params()[step.rewrite].model_fields))
             field = _loc(("steps", i, "params") + tuple(err["loc"]))
-            if err["type"] == "extra_forbidden" and not REWRITE_PARAMS[step.rewrite].model_fields:
+            if err["type"] == "extra_forbidden" and not rewrite_params()[step.rewrite].model_fields:
                 err["msg"] = f"{step.rewrite} takes no parameters"
             raise RecipeError(f"{err['msg']} (got {err.get('input')!r})", field) from None
     return recipe
@@ -169,7 +165,7 @@ def recipe_schema() -> dict:
              "properties": {"rewrite": {"const": name},
                             "targets": {"type": "array", "items": {"type": "string"}},
                             "params": model.model_json_schema()}}
-            for name, model in REWRITE_PARAMS.items()
+            for name, model in rewrite_params().items()
         ]
     }
     return schema

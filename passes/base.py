@@ -4,7 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict
 from torch.fx import GraphModule, Node
+
+
+class Params(BaseModel):
+    """Base of every rewrite's parameter model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    """Exact rewrites take no parameters."""
 
 
 @dataclass(frozen=True)
@@ -14,7 +25,8 @@ class RewritePass:
     ``match(gm)`` finds (sites, misses); ``needs(site)`` lists the graph values the local check reads;
     ``apply(gm, site, params)`` inserts the replacement before ``site.out`` and returns the new nodes
     (the last one replaces ``site.out``); ``exact`` passes are rolled back per site when the local
-    check exceeds the tolerance.
+    check exceeds the tolerance. ``params`` is the pydantic model the recipe validates the step's
+    ``params`` against (before anything runs).
     """
 
     name: str
@@ -24,6 +36,7 @@ class RewritePass:
     needs: Callable[[Any], list[Node]]
     apply: Callable[[GraphModule, Any, Any], list[Node]]
     describe: Callable[[Any], dict] = lambda site: {}
+    params: type[Params] = NoParams
 
 
 REGISTRY: dict[str, RewritePass] = {}
