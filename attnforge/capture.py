@@ -73,6 +73,10 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, d
                 ds = _auto_shapes(model, args, kwargs) if dyn else None
                 ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=ds, strict=False)
                 gm = ep.module()
+                # module() forbids train()/eval(); allow them (so a rewritten model can be fine-tuned): the graph
+                # keeps the dropout/batch-norm behaviour it was captured with, the flag only changes submodules
+                for name in ("train", "eval"):
+                    gm.__dict__.pop(name, None)
             notes = [] if dyn or not dynamic else [f"dynamic shapes failed, captured with static shapes ({errors[-1]})"]
             return Captured(gm, "export", dyn, notes, model)
         except Exception as e:  # noqa: BLE001 - every failure is reported, with its cause

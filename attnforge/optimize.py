@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from attnforge.passes import REGISTRY, canonicalize
+from attnforge.passes.base import ParamError, SkipSite
 from attnforge.passes.manager import apply_site, dead_code, evaluate, rollback_site
 from attnforge.patterns import refine_causal
 
 from .capture import capture, flat_inputs
-from .errors import CaptureError
+from .errors import CaptureError, RecipeError
 from .recipe import Recipe, load_recipe
 from .report import MissRecord, Report, SiteRecord
 from .verify import compare_outputs, error_stats, record
@@ -54,13 +55,15 @@ def _as_args(example_inputs) -> tuple:
 
 def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example_kwargs: dict | None = None, *,
              verify: bool = True, strict: bool = False, backend: str = "auto", dynamic: bool = True,
-             progress: Callable[[str], None] | None = None) -> OptimizedModel:
+             progress: Callable[[str], None] | None = None, dry_run: bool = False) -> OptimizedModel:
     """Rewrite ``model``'s attention and FFN subgraphs as ``recipe`` says; never mutates ``model``.
 
     ``recipe``: builtin name (``"exact"``), YAML/JSON path, dict or ``Recipe`` (validated first:
     ``RecipeError``). ``example_inputs``/``example_kwargs``: what the model is captured and verified
     on. ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of returning
-    a passthrough whose report says why. ``dynamic``: keep batch/sequence dims symbolic.
+    a passthrough whose report says why. ``dynamic``: keep batch/sequence dims symbolic. ``dry_run``:
+    match and select only; the report lists the sites each step would rewrite (status ``planned``, all
+    matched on the unrewritten graph) and the model is not changed or verified.
     """
     recipe = load_recipe(recipe)
     if backend not in BACKENDS:
@@ -104,13 +107,17 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
                 seen_misses.add(key)
                 report.misses.append(MissRecord(m.fqn, m.kind, m.reason, m.node))
         chosen = []
-        for s in sites:
-            if step.selects(s.fqn):
+        for s, picked in zip(sites, step.choose([s.fqn for s in sites])):
+            if picked:
                 chosen.append(s)
             else:
-                report.sites.append(SiteRecord(s.fqn, rw.kind, rw.name, "skipped", "not selected by targets",
-                                               s.pattern))
+                why = "left out by skip_first/skip_last" if step.selects(s.fqn) else "not selected by targets"
+                report.sites.append(SiteRecord(s.fqn, rw.kind, rw.name, "skipped", why, s.pattern))
         report.timings["match"] = report.timings.get("match", 0.0) + time.perf_counter() - t
+        if dry_run:
+            report.sites += [SiteRecord(s.fqn, rw.kind, rw.name, "planned", pattern=s.pattern, info=rw.info(s, params))
+                             for s in chosen]
+            continue
 
         t = time.perf_counter()
         needed = set()
@@ -120,8 +127,16 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         if rw.kind == "attention":
             chosen = [refine_causal(s, env) for s in chosen]
         for s in chosen:
-            rec = SiteRecord(s.fqn, rw.kind, rw.name, "applied", pattern=s.pattern, info=rw.describe(s))
-            new = apply_site(gm, rw, s, params)
+            rec = SiteRecord(s.fqn, rw.kind, rw.name, "applied", pattern=s.pattern, info=rw.info(s, params))
+            try:
+                new = apply_site(gm, rw, s, params, env)
+            except ParamError as e:
+                raise RecipeError(str(e), f"steps[{i}].params.{e.param}") from None
+            except SkipSite as e:  # the rewrite does not fit this site: leave it, say why
+                rec.status, rec.reason = "skipped", str(e)
+                report.sites.append(rec)
+                continue
+            rec.info.update(new[-1].meta.pop("attnforge_info", {}))
             try:
                 with torch.no_grad():
                     rec.error = error_stats(evaluate(gm, new, env), env[s.out])
@@ -139,7 +154,7 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         report.timings["rewrite"] = report.timings.get("rewrite", 0.0) + time.perf_counter() - t
     report.nodes_after = len(gm.graph.nodes)
 
-    if verify:
+    if verify and not dry_run:
         say("verify")
         t = time.perf_counter()
         with torch.no_grad():

@@ -34,6 +34,8 @@ class Step(_Strict):
     targets: list[str] | None = Field(
         default=None, description="fnmatch patterns on module FQNs, or 're:' + a regex; all sites when absent")
     params: dict[str, Any] = Field(default_factory=dict)
+    skip_first: int = Field(default=0, ge=0, description="leave the first N selected sites (graph order) as they are")
+    skip_last: int = Field(default=0, ge=0, description="leave the last N selected sites (graph order) as they are")
 
     @field_validator("targets")
     @classmethod
@@ -45,6 +47,14 @@ class Step(_Strict):
                 except re.error as e:
                     raise ValueError(f"bad regex {t[3:]!r}: {e}") from None
         return v
+
+    def choose(self, fqns: list[str]) -> list[bool]:
+        """Which of the sites (FQNs in graph order) this step rewrites: targets, then skip_first/skip_last."""
+        picked = [self.selects(f) for f in fqns]
+        order = [i for i, p in enumerate(picked) if p]
+        for i in order[:self.skip_first] + (order[len(order) - self.skip_last:] if self.skip_last else []):
+            picked[i] = False
+        return picked
 
     def selects(self, fqn: str) -> bool:
         if self.targets is None:
@@ -79,6 +89,14 @@ BUILTIN: dict[str, dict] = {
         "name": "exact",
         "description": "fuse every attention core and FFN into one op each; numerically equal to the model",
         "steps": [{"rewrite": "fuse_attention"}, {"rewrite": "fuse_ffn"}],
+    },
+    "long-context": {
+        "name": "long-context",
+        "description": "exact fusion, then a 512-token sliding window with 4 attention sinks on every attention "
+                       "layer but the first and the last (docs/rewrites/sparse.md says why)",
+        "steps": [{"rewrite": "fuse_attention"}, {"rewrite": "fuse_ffn"},
+                  {"rewrite": "sliding_window", "params": {"window": 512, "sinks": 4}, "skip_first": 1,
+                   "skip_last": 1}],
     },
     "fuse-attention": {
         "name": "fuse-attention",

@@ -12,7 +12,7 @@ class SiteRecord:
     fqn: str
     kind: str  # attention | ffn
     rewrite: str
-    status: str  # applied | rolled_back | skipped
+    status: str  # applied | rolled_back | skipped | planned (dry run)
     reason: str = ""
     pattern: str = ""
     error: dict | None = None  # local error of the rewritten site vs the original subgraph
@@ -104,7 +104,7 @@ class Report:
             for col in ("", "output", "max abs", "rel", "cosine"):
                 t.add_column(col)
             for o in self.outputs:
-                t.add_row("[✓]" if o["passed"] else "[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
+                t.add_row("[✓]" if o["passed"] else "\\[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
                           f"{o['cosine']:.6f}")
             console.print(t)
         if self.timings:

@@ -1,6 +1,8 @@
 """Apply one rewrite to chosen sites, and undo it for one site."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
@@ -8,9 +10,9 @@ from torch.fx.node import map_arg
 from .base import RewritePass
 
 
-def apply_site(gm: GraphModule, rewrite: RewritePass, site, params) -> list[Node]:
+def apply_site(gm: GraphModule, rewrite: RewritePass, site, params, values: dict | None = None) -> list[Node]:
     """Insert the replacement for ``site`` and route ``site.out``'s users to it."""
-    new = rewrite.apply(gm, site, params)
+    new = rewrite.apply(gm, site, params, values) if rewrite.uses_values else rewrite.apply(gm, site, params)
     site.out.replace_all_uses_with(new[-1], delete_user_cb=lambda user: user not in new)
     return new
 
@@ -49,7 +51,7 @@ def _fetch(gm, target: str):
 
 
 def dead_code(gm: GraphModule) -> None:
-    """Erase pure aten calls and get_attrs nobody uses; keep modules and side-effecting ops."""
+    """Erase pure aten calls, tuple reads and get_attrs nobody uses; keep modules and side-effecting ops."""
     g = gm.graph
     for node in reversed(list(g.nodes)):
         if node.users:
@@ -58,6 +60,6 @@ def dead_code(gm: GraphModule) -> None:
             schema = node.target._schema
             if not schema.is_mutable and schema.returns and "assert" not in schema.name:
                 g.erase_node(node)
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" or (node.op == "call_function" and node.target is operator.getitem):
             g.erase_node(node)
     gm.recompile()

@@ -39,6 +39,8 @@ def match_attention(graph: Graph) -> tuple[list[AttentionSite], list[Miss]]:
         try:
             if is_op(node, aten.scaled_dot_product_attention):
                 sites.append(_match_sdpa(node))
+            elif _is_fused(node):
+                sites.append(_match_fused(node))
             elif is_op(node, *SOFTMAX):
                 sites.append(_match_eager(node))
         except _NoMatch as e:
@@ -65,6 +67,21 @@ def _match_sdpa(node: Node) -> AttentionSite:
     return _site(node, q, k0, v0, node, scale=float(scale), mask=mask, mask_is_bool=is_bool,
                  causal=bool(a["is_causal"]), sdpa_causal=bool(a["is_causal"]),
                  dropout_p=float(a["dropout_p"] or 0.0), pattern="sdpa", core=(node,),
+                 parts=((mask, 1.0, "bool" if is_bool else "add"),) if mask is not None else ())
+
+
+def _is_fused(node: Node) -> bool:
+    """A call of attnforge::attention (a site fused by an earlier step), which later steps may rewrite."""
+    ns = getattr(torch.ops, "attnforge", None)
+    return node.op == "call_function" and ns is not None and hasattr(ns, "attention") and \
+        node.target is ns.attention.default
+
+
+def _match_fused(node: Node) -> AttentionSite:
+    q, k, v, mask, scale, causal, dropout_p = node.args
+    is_bool = mask is not None and mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool
+    return _site(node, q, k, v, node, scale=float(scale), mask=mask, mask_is_bool=is_bool, causal=bool(causal),
+                 sdpa_causal=bool(causal), dropout_p=float(dropout_p), pattern="fused", core=(node,),
                  parts=((mask, 1.0, "bool" if is_bool else "add"),) if mask is not None else ())
 
 
@@ -287,22 +304,45 @@ def _site(anchor: Node, q, k, v, out, *, scale, mask, mask_is_bool, causal, sdpa
 
 
 def refine_causal(site: AttentionSite, values: dict) -> AttentionSite:
-    """Set ``site.causal`` when its mask hides every key after the query on the example inputs."""
+    """Set ``site.causal`` when its mask hides every key after the query on the example inputs.
+
+    When, in addition, the mask is *only* the causal pattern (allowed entries exactly 0 / kept, the
+    rest hidden) and is computed from tensor sizes and constants alone (no input values reach it,
+    as with a model called without a padding mask), the mask is dropped and the site becomes
+    ``is_causal``: the same function at every length, without an N×N tensor.
+    """
     if site.sdpa_causal or not site.mask_parts:
         return site
+    causal, pure = False, True
     for node, coef, kind in site.mask_parts:
         m = values.get(node)
         if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] < 2:
+            pure = False
             continue
         upper = torch.ones(m.shape[-2:], dtype=torch.bool).triu(1)
         if kind == "add":
-            hidden = (m * coef) <= _MASK_FLOOR
-        elif kind == "bool":
-            hidden = ~m.bool()
-        elif kind == "fill":
-            hidden = m.bool()
-        else:  # keep
-            hidden = ~m.bool()
-        if bool(hidden[..., upper].all()):
-            return dataclasses.replace(site, causal=True)
-    return site
+            hidden, exact_keep = (m * coef) <= _MASK_FLOOR, m == 0
+        else:
+            hidden = m.bool() if kind == "fill" else ~m.bool()
+            exact_keep = ~hidden
+        causal = causal or bool(hidden[..., upper].all())
+        pure = pure and bool(hidden[..., upper].all()) and bool(exact_keep[..., ~upper].all()) and _structural(node)
+    if causal and pure:
+        return dataclasses.replace(site, causal=True, sdpa_causal=True, mask=None, mask_parts=())
+    return dataclasses.replace(site, causal=True) if causal else site
+
+
+def _structural(node: Node) -> bool:
+    """True when ``node`` depends on the graph inputs only through their sizes (``sym_size``)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        if is_op(n, aten.sym_size):
+            continue
+        stack.extend(n.all_input_nodes)
+    return True

@@ -129,3 +129,13 @@ def insert_call(graph: Graph, target, args: tuple, kwargs: dict | None = None, *
 
 def single_user(node: Node) -> bool:
     return len(node.users) == 1
+
+
+def example_size(x) -> int | None:
+    """A dim size as an int: static, or the example value behind a symbolic size."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else None
+    return None

@@ -34,7 +34,38 @@ def _(q, k, v, mask, scale, causal, dropout_p):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal, dropout_p = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+
+
+def _attention_backward(ctx, grad):
+    """Gradients of q, k, v (and a float mask) by differentiating the CPU kernel on the saved inputs.
+
+    Recomputes the forward (as flash attention's backward does); with dropout the recomputed mask would
+    differ from the forward's, so training with ``dropout_p > 0`` is refused.
+    """
+    if ctx.dropout_p > 0:
+        raise NotImplementedError("attnforge::attention backward with dropout_p > 0 is not supported")
+    saved = ctx.saved_tensors
+    wants = [need and t is not None and t.is_floating_point() for t, need in zip(saved, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(saved, wants)]
+        out = attention_cpu(*inputs, ctx.scale, ctx.causal, 0.0)
+        grads = iter(torch.autograd.grad(out, [t for t, w in zip(inputs, wants) if w], grad))
+    return (*[next(grads) if w else None for w in wants], None, None, None)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
 def attention_cpu(q, k, v, mask, scale, causal, dropout_p):
+    if causal and mask is not None:  # SDPA takes one or the other: fold causality into the mask
+        n, m = q.shape[-2], k.shape[-2]
+        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        causal = False
     squeeze = q.dim() == 3
     if squeeze:  # [B*H, N, D] spellings (bmm-based attention)
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)

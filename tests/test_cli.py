@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from tests.test_onnx import USER_MODEL
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=300, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "attnforge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("demo", ["tiny-llama", "tiny-bert", "tiny-vit"])
@@ -32,10 +36,15 @@ def test_recipe_file(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("rewrite", "demo:tiny-gpt9"), "unknown demo"),
-    (("rewrite", "nowhere/model.py:build"), "unknown model spec"),
-    (("rewrite", "demo:tiny-bert", "--recipe", "fast-please"), "unknown recipe"),
-    (("rewrite", "demo:tiny-bert", "--recipe", "missing.yaml"), "does not exist"),
+    (("rewrite", "demo:tiny-gpt9"), "unknown demo 'tiny-gpt9'"),
+    (("rewrite", "nowhere/model.py:build"), "model file 'nowhere/model.py' does not exist"),
+    (("rewrite", "nowhere/program.pt2"), "model file 'nowhere/program.pt2' does not exist"),
+    (("rewrite", "gpt-17"), "unknown model spec 'gpt-17'"),
+    (("diff", "no_such_module_xyz:build"), "cannot import module 'no_such_module_xyz'"),
+    (("rewrite", "demo:tiny-bert", "--recipe", "fast-please"), "unknown recipe 'fast-please'"),
+    (("diff", "demo:tiny-bert", "--recipe", "missing.yaml"), "recipe file 'missing.yaml' does not exist"),
+    (("rewrite", "demo:tiny-bert", "--input-shape", "2,a"), "--input-shape '2,a'"),
+    (("rewrite", "demo:tiny-bert", "-o", "m.onnx", "--opset", "13"), "--opset 13"),
 ])
 def test_bad_input_exit_code_2(args, needle):
     p = run(*args)
@@ -65,3 +74,92 @@ def test_console_script_installed():
         pytest.skip("console script not on PATH (package not installed with pip)")
     p = subprocess.run([exe, "recipes"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "exact" in p.stdout
+
+
+# --------------------------------------------------------------------------- model specs
+
+
+@pytest.fixture
+def user_model(tmp_path):
+    f = tmp_path / "mymodel.py"
+    f.write_text(USER_MODEL)
+    return f
+
+
+def _counts(path):
+    return json.loads(path.read_text())["counts"]
+
+
+def test_spec_file_forms(user_model, tmp_path):
+    """file.py:fn returning a bare model (+ --input-shape); package.module:fn returning (model, inputs)."""
+    rep = tmp_path / "r.json"
+    p = run("rewrite", f"{user_model}:bare", "--input-shape", "2,8,32", "--json", str(rep))
+    assert p.returncode == 0, p.stderr
+    assert _counts(rep) == {"fuse_attention": 1, "fuse_ffn": 1}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    p = run("rewrite", "mymodel:pair", "--json", str(rep), env=env)
+    assert p.returncode == 0, p.stderr
+    assert _counts(rep) == {"fuse_attention": 1, "fuse_ffn": 1}
+    p = run("rewrite", f"{user_model}:bare")
+    assert p.returncode == 2 and "without example inputs: pass --input-shape" in p.stderr, p.stderr
+    p = run("rewrite", f"{user_model}:nothing")
+    assert p.returncode == 2 and "has no function 'nothing'" in p.stderr, p.stderr
+
+
+def test_spec_pt2_archive(user_model, tmp_path):
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mymodel
+    finally:
+        sys.path.remove(str(tmp_path))
+    model, args, kwargs = mymodel.build()
+    torch.export.save(torch.export.export(model, args, kwargs), tmp_path / "with.pt2")
+    bare = torch.export.export(mymodel.bare().eval(), (torch.randn(2, 8, 32),))
+    bare.example_inputs = None
+    torch.export.save(bare, tmp_path / "without.pt2")
+    rep = tmp_path / "r.json"
+    p = run("rewrite", str(tmp_path / "with.pt2"), "--json", str(rep))
+    assert p.returncode == 0, p.stderr
+    assert _counts(rep) == {"fuse_attention": 1, "fuse_ffn": 1}
+    p = run("rewrite", str(tmp_path / "without.pt2"))
+    assert p.returncode == 2 and "stores no example inputs: pass --input-shape" in p.stderr, p.stderr
+    p = run("rewrite", str(tmp_path / "without.pt2"), "--input-shape", "2,8,32")
+    assert p.returncode == 0 and "[✓]" in p.stdout, p.stdout + p.stderr
+
+
+def test_spec_hf_folder(tmp_path):
+    """A local Hugging Face folder, offline, with --task picking the head."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    rep = tmp_path / "r.json"
+    p = run("rewrite", str(tmp_path / "tiny"), "--task", "causal-lm", "--input-shape", "1,12", "--json", str(rep),
+            env=env)
+    assert p.returncode == 0, p.stderr
+    assert _counts(rep) == {"fuse_attention": 1, "fuse_ffn": 1} and "logits" in p.stdout
+    p = run("rewrite", str(tmp_path / "tiny"), "--task", "telepathy", env=env)
+    assert p.returncode == 2 and "unknown --task 'telepathy'" in p.stderr, p.stderr
+    p = run("rewrite", str(tmp_path))
+    assert p.returncode == 2 and "has no config.json" in p.stderr, p.stderr
+
+
+def test_dry_run_plans_without_rewriting(tmp_path):
+    out = tmp_path / "never.onnx"
+    p = run("rewrite", "demo:tiny-bert", "--dry-run", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("planned") >= 4 and "dry run: 4 planned rewrites; nothing was changed" in p.stdout
+    assert "applied nothing" in p.stdout and not out.exists()
+
+
+def test_progress_names_each_stage_and_report_html(tmp_path):
+    page = tmp_path / "r.html"
+    p = run("rewrite", "demo:tiny-vit", "-o", str(tmp_path / "v.onnx"), "--report", str(page))
+    assert p.returncode == 0, p.stderr
+    for stage in ("load demo:tiny-vit", "capture", "step 1/2: fuse_attention", "step 2/2: fuse_ffn", "verify",
+                  "export ONNX, opset 23", "run the ONNX file in onnxruntime", "diff against the unrewritten graph"):
+        assert stage in p.stderr, p.stderr
+    assert page.read_text().count("<svg") == 8 and "layers.1.mlp" in page.read_text()

@@ -84,3 +84,11 @@ def test_ffn_op_registration():
     x, w1, w2 = torch.randn(2, 3, 8), torch.randn(16, 8), torch.randn(8, 16)
     torch.library.opcheck(ffn, (x, w1, None, w2, None, None, None, "gelu", "out_in"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_attention_mask_and_causal_together():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    for mask in (torch.randn(1, 1, 6, 6), (torch.rand(1, 1, 6, 6) > 0.2) | torch.eye(6, dtype=torch.bool)):
+        got = attention(q, k, v, mask, 0.4, True, 0.0)
+        torch.testing.assert_close(got, dense_reference(q, k, v, mask, 0.4, True), rtol=1e-5, atol=1e-5)

@@ -34,6 +34,34 @@ def header() -> str:
             f"threads {torch.get_num_threads()}")
 
 
+def plot(a, name: str, series: dict, xlabel: str, ylabel: str, title: str, log: bool = True) -> list[str]:
+    """Write docs/img/<name>.png (one line per series: {label: (xs, ys)}) and return its markdown line."""
+    if a.no_save:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = DOCS / "img" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return ["", f"![{title}](img/{name}.png)"]
+
+
 def llama(layers: int, hidden: int = 256, heads: int = 8, kv_heads: int = 4, seed: int = 0):
     import transformers as tf
 
@@ -73,10 +101,215 @@ def cmd_pipeline(a) -> list[str]:
     lines.append("")
     lines.append(f"Depth {base[0]} -> {rows[-1][0]} ({rows[-1][0] / base[0]:.0f}x layers): optimize time x{growth:.2f}, "
                  f"graph nodes x{rows[-1][1] / base[1]:.2f}.")
+    xs = [r[0] for r in rows]
+    series = {"optimize (total)": (xs, [r[2] for r in rows])}
+    for stage in ("capture", "canonicalize", "match", "rewrite", "verify"):
+        series[stage] = (xs, [max(r[3][stage], 1e-4) for r in rows])
+    return lines + plot(a, "pipeline", series, "layers", "seconds", "optimize() time vs depth (Llama, hidden 256)")
+
+
+def matmul_peak(size: int = 2048, repeat: int = 5) -> float:
+    """Measured fp32 matmul throughput (GFLOP/s) on this machine: the roofline kernels are compared to."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeat))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Median seconds per function, runs interleaved round-robin so load changes hit every one alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            times[k].append(_time(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _flex_sliding(n: int, window: int, sinks: int):
+    """torch.compile(flex_attention) with the sliding-window(+sinks) BlockMask; (fn, build and compile seconds)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def rule(b, h, qi, kv):
+        return (qi >= kv) & ((qi - kv < window) | (kv < sinks))
+
+    t = time.perf_counter()
+    block_mask = create_block_mask(rule, None, None, n, n, device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return (lambda q, k, v: compiled(q, k, v, block_mask=block_mask)), time.perf_counter() - t
+
+
+def cmd_kernels(a) -> list[str]:
+    """Sliding-window attention kernels vs dense causal SDPA and FlexAttention, same inputs, one process."""
+    import torch.nn.functional as F
+
+    from attnforge.runtime import sparse
+
+    heads, dim, window, sinks = 8, 64, a.window, a.sinks
+    peak = matmul_peak()
+    lines = [f"B=1, H={heads}, D={dim}, fp32, causal; window {window}, sinks {sinks}; measured fp32 matmul peak "
+             f"{peak:.0f} GFLOP/s; medians of {a.repeat} interleaved runs; FLOPs = 4·D·H·(visible pairs)", "",
+             "| N | kernel | time (s) | vs dense SDPA | vs FlexAttention | GFLOP/s | % of matmul peak | warm-up/compile (s) |",
+             "|" + "---|" * 8]
+    series: dict = {}
+    for n in [int(x) for x in a.n.split(",")]:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+        scale = dim ** -0.5
+        fns = {"dense causal SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "attnforge sliding_window": lambda: sparse.sliding_window_cpu(q, k, v, None, scale, window, sinks,
+                                                                             True, a.block)}
+        warm = {}
+        if not a.no_flex:
+            flex, build = _flex_sliding(n, window, sinks)
+            t = time.perf_counter()
+            flex(q, k, v)
+            warm["FlexAttention (compiled)"] = build + time.perf_counter() - t
+            fns["FlexAttention (compiled)"] = lambda: flex(q, k, v)
+        for name, fn in fns.items():
+            if name not in warm:
+                warm[name] = _time(fn)
+        ref = sparse.sliding_window_cpu(q, k, v, None, scale, window, sinks, True, a.block)
+        if "FlexAttention (compiled)" in fns:
+            err = float((fns["FlexAttention (compiled)"]() - ref).abs().max())
+            lines_err = f"max |flex − attnforge| at N={n}: {err:.1e}"
+        else:
+            lines_err = ""
+        med = interleaved(fns, a.repeat)
+        for name, t in med.items():
+            series.setdefault(name, ([], []))
+            series[name][0].append(n)
+            series[name][1].append(t)
+        pairs_window = int(sparse_pairs(n, window, sinks))
+        pairs_dense = n * (n + 1) // 2
+        for name, t in med.items():
+            pairs = pairs_dense if name.startswith("dense") else pairs_window
+            gflops = 4 * dim * heads * pairs / t / 1e9
+            vs_flex = f"{med['FlexAttention (compiled)'] / t:.2f}x" if "FlexAttention (compiled)" in med else "n/a"
+            lines.append(f"| {n} | {name} | {t:.4f} | {med['dense causal SDPA'] / t:.2f}x | {vs_flex} | {gflops:.1f} "
+                         f"| {100 * gflops / peak:.0f}% | {warm[name]:.2f} |")
+        if lines_err:
+            lines.append(f"| {n} | (check) | {lines_err} | | | | | |")
+    lines.append("")
+    lines.append("Ratios are (baseline time) / (row time): above 1x the row is faster. The dense row counts its own "
+                 "N(N+1)/2 pairs; the windowed rows count only the pairs the window keeps.")
+    return lines + plot(a, "kernels", series, "sequence length N", "seconds (median)",
+                        f"causal attention, B=1 H={heads} D={dim}, window {window}")
+
+
+def sparse_pairs(n: int, window: int, sinks: int) -> int:
+    i = torch.arange(n)
+    in_window = torch.clamp(i + 1, max=window)
+    sink_extra = torch.clamp(torch.clamp(i - window + 1, min=0), max=sinks)
+    return int((in_window + sink_extra).sum())
+
+
+def e2e_model(layers: int = 4, hidden: int = 512, heads: int = 8, seed: int = 0):
+    """The end-to-end subject: a Llama-style HF model (random weights), eager SDPA attention."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=65536, use_cache=False, attn_implementation="sdpa")
+    return tf.LlamaModel(cfg).eval()
+
+
+E2E_RECIPES = {
+    "exact": "exact",
+    "long-context": "long-context",
+    "gqa (8->2 KV heads, mean)": {"name": "gqa", "steps": [{"rewrite": "gqa", "params": {"kv_heads": 2}},
+                                                           {"rewrite": "fuse_ffn"}]},
+    "linear (elu, hybrid w 64)": {"name": "linear", "steps": [{"rewrite": "linear",
+                                                               "params": {"feature_map": "elu", "window": 64}},
+                                                              {"rewrite": "fuse_ffn"}]},
+}
+
+
+def cmd_e2e(a) -> list[str]:
+    """Prefill tokens/s of an HF Llama-style model: original vs torch.compile vs optimize(recipe)."""
+    import attnforge
+    from attnforge.passes import REGISTRY
+
+    model = e2e_model(a.layers, a.hidden)
+    cfg = model.config
+    lines = [f"HF LlamaModel: {a.layers} layers, hidden {a.hidden}, {cfg.num_attention_heads} heads, FFN "
+             f"{cfg.intermediate_size}, fp32, batch 1, random weights; medians of {a.repeat} interleaved runs; "
+             "optimize() captured once at 128 tokens (dynamic shapes) and run at every length", "",
+             "| N | variant | prefill (s) | tokens/s | vs eager | output cos vs eager | max abs err |",
+             "|" + "---|" * 7]
+    ids0 = torch.randint(0, cfg.vocab_size, (1, 128))
+    variants = {"eager (sdpa)": model}
+    for name, recipe in E2E_RECIPES.items():
+        steps = recipe if isinstance(recipe, str) else None
+        needed = [s["rewrite"] for s in recipe["steps"]] if isinstance(recipe, dict) else []
+        if any(r not in REGISTRY for r in needed):
+            lines_missing = f"{name}: rewrite not available in this build"
+            print(lines_missing)
+            continue
+        variants[name] = attnforge.optimize(model, recipe if steps is None else steps, (ids0,))
+    compiled = torch.compile(model, dynamic=False) if not a.no_compile else None
+    series: dict = {}
+    for n in [int(x) for x in a.n.split(",")]:
+        ids = torch.randint(0, cfg.vocab_size, (1, n))
+        fns = {name: (lambda m=m: m(ids)) for name, m in variants.items()}
+        if compiled is not None and n <= a.compile_max:
+            t = time.perf_counter()
+            compiled(ids)
+            lines.append(f"| {n} | (torch.compile warm-up and compile: {time.perf_counter() - t:.1f}s) | | | | | |")
+            fns["torch.compile(eager)"] = lambda: compiled(ids)
+        with torch.no_grad():
+            outs = {name: fn()[0] for name, fn in fns.items()}  # warm-up, and the outputs for the error column
+            med = interleaved(fns, a.repeat)
+        ref = outs["eager (sdpa)"]
+        for name, t in med.items():
+            series.setdefault(name, ([], []))
+            series[name][0].append(n)
+            series[name][1].append(n / t)
+            o = outs[name]
+            cos = float(torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0))
+            lines.append(f"| {n} | {name} | {t:.3f} | {n / t:,.0f} | {med['eager (sdpa)'] / t:.2f}x | {cos:.6f} "
+                         f"| {float((o - ref).abs().max()):.1e} |")
+    lines.append("")
+    lines.append("Decode: the captured graphs carry no KV cache; decode tokens/s with a cache is measured for the "
+                 "original model by `python tools/bench.py decode`.")
+    return lines + plot(a, "e2e", series, "sequence length N", "prefill tokens/s",
+                        f"HF Llama-style, {a.layers} layers, hidden {a.hidden}: prefill throughput")
+
+
+def cmd_decode(a) -> list[str]:
+    """Decode tokens/s of the original model with Hugging Face's KV cache, after a prefill of N tokens."""
+    from transformers import DynamicCache
+
+    model = e2e_model(a.layers, a.hidden)
+    vocab = model.config.vocab_size
+    lines = ["| context N | decode tokens/s (KV cache) | ms/token |", "|---|---|---|"]
+    for n in [int(x) for x in a.n.split(",")]:
+        ids = torch.randint(0, vocab, (1, n))
+        rates = []
+        with torch.no_grad():
+            for _ in range(a.repeat):
+                cache = DynamicCache()
+                out = model(ids, past_key_values=cache, use_cache=True)
+                tok = torch.randint(0, vocab, (1, 1))
+                t = time.perf_counter()
+                for _ in range(a.tokens):
+                    out = model(tok, past_key_values=out.past_key_values, use_cache=True)
+                rates.append(a.tokens / (time.perf_counter() - t))
+        r = statistics.median(rates)
+        lines.append(f"| {n} | {r:,.1f} | {1000 / r:.1f} |")
     return lines
 
 
-COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear growth)")}
+COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear growth)"),
+            "kernels": (cmd_kernels, "sparse attention kernels vs SDPA and FlexAttention"),
+            "e2e": (cmd_e2e, "end-to-end prefill on an HF Llama-style model"),
+            "decode": (cmd_decode, "decode tokens/s of the original model with a KV cache")}
 
 
 def main(argv=None) -> int:
@@ -85,7 +318,27 @@ def main(argv=None) -> int:
     pp = sub.add_parser("pipeline", help=COMMANDS["pipeline"][1])
     pp.add_argument("--depths", default="2,4,8,12,16,32")
     pp.add_argument("--repeat", type=int, default=3)
-    for sp in (pp,):
+    pk = sub.add_parser("kernels", help=COMMANDS["kernels"][1])
+    pk.add_argument("--n", default="1024,2048,4096,8192,16384,32768")
+    pk.add_argument("--window", type=int, default=512)
+    pk.add_argument("--sinks", type=int, default=0)
+    pk.add_argument("--block", type=int, default=64, help="query block of the CPU sliding-window kernel")
+    pk.add_argument("--repeat", type=int, default=5)
+    pk.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no C++ compiler for inductor)")
+    pe = sub.add_parser("e2e", help=COMMANDS["e2e"][1])
+    pe.add_argument("--n", default="1024,4096,8192")
+    pe.add_argument("--layers", type=int, default=4)
+    pe.add_argument("--hidden", type=int, default=512)
+    pe.add_argument("--repeat", type=int, default=3)
+    pe.add_argument("--no-compile", action="store_true")
+    pe.add_argument("--compile-max", type=int, default=8192, help="longest N for the torch.compile baseline")
+    pd = sub.add_parser("decode", help=COMMANDS["decode"][1])
+    pd.add_argument("--n", default="1024,4096")
+    pd.add_argument("--tokens", type=int, default=32)
+    pd.add_argument("--layers", type=int, default=4)
+    pd.add_argument("--hidden", type=int, default=512)
+    pd.add_argument("--repeat", type=int, default=3)
+    for sp in (pp, pk, pe, pd):
         sp.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke tests; nothing saved")
         sp.add_argument("--no-save", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -93,6 +346,12 @@ def main(argv=None) -> int:
         a.no_save = True
         if a.command == "pipeline":
             a.depths, a.repeat = "1,2", 1
+        if a.command == "kernels":
+            a.n, a.repeat, a.window, a.no_flex = "256,512", 1, 64, True
+        if a.command == "e2e":
+            a.n, a.repeat, a.layers, a.hidden, a.no_compile = "256", 1, 2, 128, True
+        if a.command == "decode":
+            a.n, a.repeat, a.layers, a.hidden, a.tokens = "64", 1, 2, 128, 4
     fn, title = COMMANDS[a.command]
     lines = fn(a)
     cmd = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
