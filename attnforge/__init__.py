@@ -3,6 +3,7 @@
 ``attnforge.optimize(model, recipe, example_inputs)`` captures the model, finds its attention and
 FFN subgraphs, rewrites them as the recipe says, verifies the result and returns an ``nn.Module``.
 """
+from .calibrate import calibrate  # noqa: F401
 from .capture import capture  # noqa: F401
 from .errors import AttnforgeError, CaptureError, RecipeError  # noqa: F401
 from .optimize import OptimizedModel, optimize  # noqa: F401
@@ -13,4 +14,4 @@ from .report import Report  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["optimize", "OptimizedModel", "Recipe", "Report", "RecipeError", "CaptureError", "AttnforgeError",
-           "load_recipe", "recipe_schema", "capture", "freeze_except_engram"]
+           "load_recipe", "recipe_schema", "capture", "calibrate", "freeze_except_engram"]

@@ -158,7 +158,10 @@ def cmd_recipes(a) -> int:
         print(json.dumps(recipe_schema(), indent=2))
         return 0
     for name, r in BUILTIN.items():
-        steps = " -> ".join(s["rewrite"] + (f"({s['params']})" if s.get("params") else "") for s in r["steps"])
+        def step(s):
+            extra = {k: v for k, v in s.items() if k not in ("rewrite", "params")}
+            return s["rewrite"] + (f"({s['params']})" if s.get("params") else "") + (f" {extra}" if extra else "")
+        steps = " -> ".join(step(s) for s in r["steps"])
         print(f"{name:16} {steps}\n{'':16} {r['description']}")
     return 0
 
@@ -187,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--html", help="write the self-contained HTML report to this file")
     d.add_argument("--json", help="write the diff as JSON (docs/report-schema.md) to this file")
     d.set_defaults(fn=cmd_diff)
+
+    b = sub.add_parser("bench", help="benchmarks (tools/bench.py): pipeline | kernels | e2e | decode",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=lambda a: __import__("attnforge.tools.bench", fromlist=["main"]).main(a.rest))
 
     rc = sub.add_parser("recipes", help="list builtin recipes")
     rc.add_argument("--schema", action="store_true", help="print the JSON Schema of recipe files")

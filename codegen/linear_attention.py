@@ -3,7 +3,8 @@
 One program handles one (batch, head). It walks the sequence in chunks of ``BLOCK`` tokens with the running
 state S = Σ φ(k_s)ᵀ v_s [F, D] and z = Σ φ(k_s) [F] in registers (flash-linear-attention's fused-chunk form):
 
-    causal:  O_c = (φ(Q_c) S + tril(φ(Q_c) φ(K_c)ᵀ) V_c) / (φ(Q_c) z + rowsum(tril(...)) + eps),  then S += φ(K_c)ᵀ V_c
+    causal:  O_c = (φ(Q_c) S + tril(φ(Q_c) φ(K_c)ᵀ) V_c) / (φ(Q_c) z + rowsum(tril(...)) + eps),
+             then S += φ(K_c)ᵀ V_c and z += Σ φ(K_c)
     bidirectional: a first pass accumulates S and z over all chunks, a second writes φ(Q_c) S / (φ(Q_c) z + eps)
 
 Feature maps (runtime/linear.py has the math): elu(x) + 1, relu(x), cosine [x/‖x‖, 1] (its constant feature

@@ -35,7 +35,8 @@ class EngramParams(Params):
     ngram: list[int] = Field(default=[2, 3], min_length=1, description="N-gram orders (each ≥ 1)")
     heads: int = Field(default=4, ge=1, description="hash heads per order")
     dim: int = Field(default=16, ge=1, description="embedding width of each head")
-    table_size: int = Field(default=10007, ge=2, description="rows per head: the heads' moduli are distinct primes ≥ this")
+    table_size: int = Field(default=10007, ge=2,
+                            description="rows per head: the heads' moduli are distinct primes ≥ this")
     layers: list[int] | None = Field(default=None, description="layer indices (graph order, negative from the end); "
                                                                 "absent: every layer the step's targets select")
     pad_id: int = Field(default=0, ge=0, description="token id used for positions before the start")
@@ -133,7 +134,7 @@ def describe(site: LayerInputSite, params: EngramParams) -> dict:
             "embedding_width": width, "offload": params.offload}
     if isinstance(d, int):
         info.update(hidden=d, macs_per_token=2 * width * d + 4 * d, gathered_values_per_token=width,
-                    hash_int_ops_per_token=sum(2 * n - 1 + params.heads for n in params.ngram))
+                    hash_int_ops_per_token=sum(2 * n - 1 + 2 * params.heads for n in params.ngram))
     return info
 
 

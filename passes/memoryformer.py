@@ -16,12 +16,13 @@ A [tokens, K·2^τ] holds w_k at each token's K rows (the layer is linear in T).
 conjugate gradients run on the normal equations for every output column at once, with A applied as a
 sparse matrix (no dense [tokens, K, d_out] tensor). 7/8 of the calibration tokens are fitted, the other
 1/8 pick the iterate (early stopping), so the refinement cannot make held-out tokens worse than the
-centroids. The calibration inputs are the site's inputs on the example inputs, recorded on the original
-model (every site of a step is converted from the dense model's activations).
+centroids (below 64 tokens all are fitted). The calibration inputs are the site's inputs on the example
+inputs, recorded on the original model (every site of a step is converted from the dense activations).
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Literal
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from attnforge.patterns.graph import aten, insert_call
-from attnforge.patterns.linear import LinearSite, match_linears
+from attnforge.patterns.dense import LinearSite, match_linears
 from attnforge.runtime import ACTIVATIONS
 from attnforge.runtime.memoryformer import memory_hash, memory_layer_cpu
 
@@ -88,8 +89,10 @@ def centroid_tables(w_oi: torch.Tensor, z: torch.Tensor, tau: int) -> torch.Tens
 def _design(rows: torch.Tensor, w: torch.Tensor, n_rows: int) -> torch.Tensor:
     """A [tokens, K·2^τ] (sparse CSR) from the hash (rows, w) [tokens, K]: A T = memory_layer(z, T)."""
     tokens = torch.arange(len(rows))[:, None].expand_as(rows)
-    return torch.sparse_coo_tensor(torch.stack([tokens.flatten(), rows.flatten()]), w.flatten(),
-                                   (len(rows), n_rows)).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_coo_tensor(torch.stack([tokens.flatten(), rows.flatten()]), w.flatten(),
+                                       (len(rows), n_rows)).coalesce().to_sparse_csr()
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -215,5 +218,5 @@ def describe(site: LinearSite, params: MemoryFormerParams) -> dict:
     return {"roles": list(site.roles), "layout": site.proj.layout, "tau": params.tau, "calibrate": params.calibrate}
 
 
-PASS = register(RewritePass("memoryformer", "linear", False, match, needs, apply, describe, MemoryFormerParams,
+PASS = register(RewritePass("memoryformer", "projection", False, match, needs, apply, describe, MemoryFormerParams,
                             uses_values=True))

@@ -13,19 +13,23 @@ V₁ = [V, 1] (the ones column carries the normaliser through the same matmuls)
     O₁[c] = φ(Q_c) · S_{<c} + tril(φ(Q_c) φ(K_c)ᵀ) · V₁[c],   S_{<c} = Σ_{c'<c} φ(K_c')ᵀ V₁[c']
 
 where every chunk's state φ(K_c)ᵀV₁[c] is one batched matmul and S_{<c} one cumulative sum over chunks:
-O(N·C·F + N·F·D) work, no loop over tokens or chunks. Long sequences with wide features (taylor) run in
-segments of whole chunks carrying S, which bounds memory.
+O(N·C·F + N·F·D) work, no loop over tokens or chunks. Inputs whose features pass SEGMENT_BYTES run in segments
+of whole chunks carrying S (a short Python loop), which bounds memory and keeps buffers reusable.
 
 ``window > 0`` is the LoLCATs hybrid (Zhang et al. 2024, "LoLCATs: On Low-Rank Linearizing of Large Language
 Models"; BASED, Arora et al. 2024, pairs Taylor linear attention with exact local softmax): keys inside the
 window (causal 0 ≤ t − s < w, bidirectional |t − s| < w) get exact softmax weights, the rest linear ones,
-under one normaliser with a per-head weight σ(α):
+under one normaliser with a per-head window weight γ = exp(mix):
 
-    o_t = (σ(α) Σ_win e^{s_ts − m_t} v_s + Σ_rest φ(q_t)·φ(k_s) v_s) / (σ(α) Σ_win e^{s_ts − m_t} + Σ_rest φ(q_t)·φ(k_s) + eps)
+    o_t = (γ Σ_win e^{s_ts − m_t} v_s + Σ_rest φ(q_t)·φ(k_s) v_s)
+          / (γ Σ_win e^{s_ts − m_t} + Σ_rest φ(q_t)·φ(k_s) + eps)
 
-with s_ts = scale·q_t·k_s and m_t the maximum over the window. Its kernel uses chunks of C ≥ w tokens: the
-window of chunk c lies in chunks c − 1 … c (+ c + 1), read as overlapping views, and the rest comes from
-prefix (and suffix) sums of chunk states.
+with s_ts = scale·q_t·k_s and m_t the maximum over the window (LoLCATs writes γ = σ(α), α learned; the map's
+scale of φ(q)·φ(k) varies, so γ here is unbounded, see ``window_weight``). taylor and performer estimate
+exp(s_ts) itself, so for them the rest is put on the window's scale, Σ_rest e^{−m_t} φ(q_t)·φ(k_s), and γ = 1:
+exact weights near the query, kernel estimates of the same weights further away (BASED's pairing). Its kernel
+uses chunks of C ≥ w tokens: the window of chunk c lies in chunks c − 1 … c (+ c + 1), gathered as one view
+per chunk, and the rest comes from prefix (and suffix) sums of chunk states lagged by two chunks.
 """
 from __future__ import annotations
 
@@ -37,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FEATURE_MAPS = ("elu", "relu", "cosine", "taylor", "performer", "hedgehog")
+EXP_KERNELS = ("taylor", "performer")  # maps whose φ(q)·φ(k) estimates exp(scale·q·k) itself
 CHUNK = 64  # chunk length of the CPU kernels (a tunable: results do not depend on it)
-SEGMENT_BYTES = 64 << 20  # feature tensors above this run in segments of chunks
-MIX_INIT = -2.197  # LoLCATs' initial window weight logit: σ(−2.197) ≈ 0.1
+SEGMENT_BYTES = 8 << 20  # longer inputs run in segments of chunks: buffers stay reusable, not fresh mmaps
 
 
 # --------------------------------------------------------------------------- feature maps
@@ -53,21 +57,20 @@ def feature_dim(feature_map: str, head_dim: int, w: Optional[Tensor] = None) -> 
             "hedgehog": 2 * w.shape[-1] if w is not None else 0}[feature_map]
 
 
-def phi(x: Tensor, name: str, role: str, scale: float, w: Optional[Tensor] = None) -> Tensor:
-    """φ(x) for x [..., H, N, D] (``role`` "q" or "k"); the maps are documented in docs/rewrites/linear.md.
+def phi(x: Tensor, name: str, scale: float, w: Optional[Tensor] = None) -> Tensor:
+    """φ(x) for x [..., H, N, D]; the maps are documented in docs/rewrites/linear.md.
 
     elu        elu(x) + 1                                            (Katharopoulos et al. 2020)
     relu       relu(x)                                               (Qin et al. 2022, cosFormer's base map)
-    cosine     [x/‖x‖, 1]: φ(q)·φ(k) = 1 + cos(q, k) ≥ 0              (Cottention, Mongaras et al. 2024, shifted)
+    cosine     [x/‖x‖, 1]: φ(q)·φ(k) = 1 + cos(q, k) ≥ 0              (Cottention, Mongaras et al. 2024)
     taylor     [1, x', x'_i x'_j (i<j), x'_i²/√2], x' = √scale·x:       (BASED, Arora et al. 2024)
                φ(q)·φ(k) = 1 + u + u²/2, u = scale·q·k
-    performer  x' = √scale·x, W [D, m] orthogonal random rows:          (FAVOR+, Choromanski et al. 2021)
-               k: exp(x'W − ‖x'‖²/2)/√m, q: exp(x'W − max_f x'W)/√m (a per-query factor that cancels)
-               E[φ(q)·φ(k)] ∝ exp(scale·q·k)
+    performer  exp(x'W − ‖x'‖²/2)/√m, x' = √scale·x, W [D, m] with    (FAVOR+, Choromanski et al. 2021)
+               orthogonal random columns: E[φ(q)·φ(k)] = exp(scale·q·k)
     hedgehog   [softmax(xW_h), softmax(−xW_h)], W_h [D, F] per head     (Hedgehog, Zhang et al. 2024)
     """
     if name == "elu":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)  # elu's backward reads its input, not this output
     if name == "relu":
         return F.relu(x)
     if name == "cosine":
@@ -79,9 +82,7 @@ def phi(x: Tensor, name: str, role: str, scale: float, w: Optional[Tensor] = Non
         return torch.cat([x.new_ones(*x.shape[:-1], 1), xs, xs[..., i] * xs[..., j] * coef], -1)
     if name == "performer":
         xs = x * math.sqrt(scale)
-        proj = xs @ w
-        shift = proj.amax(-1, keepdim=True).detach() if role == "q" else (xs * xs).sum(-1, keepdim=True) / 2
-        return torch.exp(proj - shift) * w.shape[-1] ** -0.5
+        return torch.exp(xs @ w - (xs * xs).sum(-1, keepdim=True) / 2) * w.shape[-1] ** -0.5
     if name == "hedgehog":
         y = x @ w
         return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
@@ -100,6 +101,19 @@ def orthogonal_features(head_dim: int, features: int, seed: int) -> Tensor:
         norms = torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64).norm(dim=0)
         blocks.append(qmat * norms)
     return torch.cat(blocks, 1)[:, :features].float()
+
+
+def flops(n, heads: int, head_dim: int, features: int, causal: bool, window: int = 0, chunk: int = CHUNK):
+    """Matmul FLOPs of the kernels at length ``n`` (an int or a sympy symbol): chunk states φ(K)ᵀV₁ and their
+    read-out φ(Q)S, plus the intra-chunk tril(φQ φKᵀ)V₁ (causal) or the window views (hybrid)."""
+    h, d, f = heads, head_dim, features
+    total = 4 * h * n * f * (d + 1)
+    if window:
+        span = (2 if causal else 3) * hybrid_chunk(chunk, window, n)  # keys one query's window view holds
+        total += 2 * h * n * span * (d + f + d + 1)  # scores, φ products in the view, weights·V₁
+    elif causal:
+        total += 2 * h * n * chunk * (f + d + 1)
+    return total
 
 
 def hedgehog_init(heads: int, head_dim: int) -> Tensor:
@@ -122,12 +136,15 @@ def _keep(key_mask: Optional[Tensor], b: int, h: int, n: int, dtype) -> Optional
 
 def _ones_column(v: Tensor) -> Tensor:
     """V₁ = [V, 1]: the last column of every product with it is the normaliser."""
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+    v1 = v.new_empty(*v.shape[:-1], v.shape[-1] + 1)
+    v1[..., :-1] = v
+    v1[..., -1] = 1
+    return v1
 
 
 def _key_side(k, v, key_mask, scale, name, wk, heads):
     """φ(K) [B, H, N, F] (repeated over GQA groups, hidden keys zeroed) and V₁ [B, H, N, D+1]."""
-    fk, v1 = phi(k, name, "k", scale, wk), _ones_column(v)
+    fk, v1 = phi(k, name, scale, wk), _ones_column(v)
     groups = heads // k.shape[1]
     if groups > 1:
         fk, v1 = fk.repeat_interleave(groups, 1), v1.repeat_interleave(groups, 1)
@@ -154,21 +171,26 @@ def _pad_chunks(x: Tensor, chunk: int, before: int = 0, after: int = 0) -> Tenso
 
 def causal_chunked(fq: Tensor, fk: Tensor, v1: Tensor, chunk: int, state: Optional[Tensor] = None):
     """O₁ = tril(φQ φKᵀ) V₁ in chunks; ``state`` [B, H, F, D+1] is Σ φ(k)ᵀv₁ of earlier tokens. Returns
-    (O₁ [B, H, N, D+1], state after the last token)."""
+    (O₁ [B, H, N, D+1], state after the last token).
+
+    All (batch, head, chunk) triples are one flat batch of C-row blocks. Chunk i reads the inclusive prefix of
+    chunk i − 1, the flat block just before it; the last prefix of each head is zeroed first, so a head's
+    first chunk reads nothing (and ``state``, when given, is added for every query afterwards)."""
     b, h, n, f = fq.shape
     d1 = v1.shape[-1]
     c = min(chunk, n)
-    fqc, fkc, vc = (_pad_chunks(x, c).reshape(b * h, -1, c, x.shape[-1]) for x in (fq, fk, v1))
-    nc = fqc.shape[1]
-    states = torch.matmul(fkc.transpose(-1, -2), vc).cumsum_(1)  # inclusive prefix [BH, nc, F, D+1]
-    prev = torch.cat([states.new_zeros(b * h, 1, f, d1), states[:, :-1]], 1)
+    fqc, fkc, vc = (_pad_chunks(x, c).reshape(-1, c, x.shape[-1]) for x in (fq, fk, v1))  # [B·H·nc, C, ·]
+    out = torch.bmm(torch.bmm(fqc, fkc.transpose(1, 2)).tril_(), vc)  # inside each chunk
+    prefix = torch.bmm(fkc.transpose(1, 2), vc).view(b * h, -1, f, d1).cumsum_(1)  # Σ over chunks ≤ i
+    last = prefix[:, -1].clone()
+    prefix[:, -1] = 0
+    flat = prefix.view(-1, f, d1)
+    out[1:].baddbmm_(fqc[1:], flat[:-1])  # chunk i += φ(Q_i) · prefix(i − 1)
+    out = out.view(b, h, -1, d1)[:, :, :n]
+    last = last.view(b, h, f, d1)
     if state is not None:
-        prev = prev + state.reshape(b * h, 1, f, d1)
-    intra = torch.matmul(fqc, fkc.transpose(-1, -2)).tril_()  # [BH, nc, C, C]
-    out = torch.baddbmm(torch.bmm(fqc.reshape(-1, c, f), prev.reshape(-1, f, d1)), intra.reshape(-1, c, c),
-                        vc.reshape(-1, c, d1))
-    last = states[:, -1] if state is None else states[:, -1] + state.reshape(b * h, f, d1)
-    return out.reshape(b, h, nc * c, d1)[:, :, :n], last.reshape(b, h, f, d1)
+        out, last = out + fq @ state, last + state
+    return out, last
 
 
 def _segment_len(b: int, h: int, f: int, n: int, chunk: int) -> int:
@@ -178,7 +200,7 @@ def _segment_len(b: int, h: int, f: int, n: int, chunk: int) -> int:
 
 
 def _linear_only(q, k, v, key_mask, scale, name, causal, eps, wq, wk, chunk):
-    """Causal (chunked) or bidirectional (φQ (φKᵀ V₁)) linear attention, in segments when features are wide."""
+    """Causal (chunked) or bidirectional (φQ (φKᵀ V₁)) linear attention, in segments when the input is long."""
     b, h, n, _ = q.shape
     f = feature_dim(name, q.shape[-1], wq)
     seg = _segment_len(b, h, f, n, chunk)
@@ -188,41 +210,45 @@ def _linear_only(q, k, v, key_mask, scale, name, causal, eps, wq, wk, chunk):
         outs, state = [], None
         for s in pieces:
             fk, v1 = _key_side(k[:, :, s], v[:, :, s], mask_at(s), scale, name, wk, h)
-            o1, state = causal_chunked(phi(q[:, :, s], name, "q", scale, wq), fk, v1, chunk, state)
+            o1, state = causal_chunked(phi(q[:, :, s], name, scale, wq), fk, v1, chunk, state)
             outs.append(_ratio(o1, eps))
         return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
     kv = 0
     for s in pieces:  # φ(K)ᵀ V₁ over the whole sequence, then every query reads it
         fk, v1 = _key_side(k[:, :, s], v[:, :, s], mask_at(s), scale, name, wk, h)
         kv = kv + fk.transpose(-1, -2) @ v1
-    outs = [_ratio(phi(q[:, :, s], name, "q", scale, wq) @ kv, eps) for s in pieces]
+    outs = [_ratio(phi(q[:, :, s], name, scale, wq) @ kv, eps) for s in pieces]
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
-def _windows(x: Tensor, chunks: int, span: int, chunk: int) -> Tensor:
-    """Overlapping views [B, H, chunks, span·chunk, E] of x [B, H, T, E]: view c starts at token c·chunk."""
-    x = x.contiguous()
-    st = x.stride()
-    return x.as_strided((*x.shape[:2], chunks, span * chunk, x.shape[-1]), (st[0], st[1], chunk * st[2], st[2], st[3]),
-                        x.storage_offset())
+def hybrid_chunk(chunk: int, window: int, n):
+    """The hybrid's chunk length: at least the window, so the window of chunk i lies in chunks i − 1 … i
+    (+ i + 1 bidirectional), and about half the causal chunk, so one view of 2 or 3 chunks holds ~``chunk`` keys."""
+    c = max(chunk // 2, window)
+    return c if not isinstance(n, int) else min(c, n)
+
+
+def _windows(x: Tensor, chunks: int, span: int) -> Tensor:
+    """x [B, H, (chunks + span − 1)·C, E] -> [B, H, chunks, span·C, E]: view i holds chunks i … i + span − 1."""
+    xc = x.unflatten(2, (chunks + span - 1, -1))
+    return torch.cat([xc[:, :, i:i + chunks] for i in range(span)], -2)
 
 
 def _hybrid(q, k, v, key_mask, scale, name, causal, window, eps, wq, wk, mix, chunk):
     """The LoLCATs hybrid: exact softmax inside the window, linear attention outside, one normaliser."""
     b, h, n, _ = q.shape
     groups = h // k.shape[1]
-    fq, (fk, v1) = phi(q, name, "q", scale, wq), _key_side(k, v, key_mask, scale, name, wk, h)
-    mix = torch.full((h,), MIX_INIT, device=q.device) if mix is None else mix
-    c = min(max(chunk, window), n)  # the window of chunk i lies in chunks i − 1 … i (+ i + 1)
+    fq, (fk, v1) = phi(q, name, scale, wq), _key_side(k, v, key_mask, scale, name, wk, h)
+    mix = q.new_zeros(h) if mix is None else mix
+    c = hybrid_chunk(chunk, window, n)
     after = 0 if causal else 1
     span = 2 + after
     kk = k.repeat_interleave(groups, 1) if groups > 1 else k
     keep = _keep(key_mask, b, h, n, q.dtype)
     valid = torch.ones(b, h, n, 1, dtype=q.dtype, device=q.device) if keep is None else keep[..., None]
-    fq_c = _pad_chunks(fq, c)
-    nc = fq_c.shape[2] // c
-    q_c = _pad_chunks(q, c).unflatten(2, (nc, c))
-    k_w, fk_w, v_w, valid_w = (_windows(_pad_chunks(x, c, 1, after), nc, span, c) for x in (kk, fk, v1, valid))
+    nc = -(-n // c)
+    fq_c, q_c = (_pad_chunks(x, c).unflatten(2, (nc, c)) for x in (fq, q))
+    k_w, fk_w, v_w, valid_w = (_windows(_pad_chunks(x, c, 1, after), nc, span) for x in (kk, fk, v1, valid))
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(span * c, device=q.device)[None]
     dist = c + r - t  # query position minus key position inside a window view
@@ -232,15 +258,16 @@ def _hybrid(q, k, v, key_mask, scale, name, causal, window, eps, wq, wk, mix, ch
     visible = band & (valid_w.transpose(-1, -2) > 0)
     s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(-1, keepdim=True)
-    e = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0))
-    weight = torch.sigmoid(mix).to(q.dtype)[None, :, None, None, None] * e
-    weight = weight + (fq_c.unflatten(2, (nc, c)) @ fk_w.transpose(-1, -2)) * outside
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    rho = torch.exp(-m) if name in EXP_KERNELS else 1.0  # exp-kernel maps: the rest on the window's e^{s − m} scale
+    weight = torch.exp(mix).to(q.dtype)[None, :, None, None, None] * torch.exp(s - m)
+    weight = weight + (fq_c @ fk_w.transpose(-1, -2)) * outside * rho
     o1 = weight @ v_w  # [B, H, nc, C, D+1]
     states = (_pad_chunks(fk, c).unflatten(2, (nc, c)).transpose(-1, -2) @ _pad_chunks(v1, c).unflatten(2, (nc, c)))
     far = _shifted_prefix(states, 2)  # chunks ≤ i − 2
     if not causal:
         far = far + _shifted_prefix(states.flip(2), 2).flip(2)  # chunks ≥ i + 2
-    o1 = o1 + fq_c.unflatten(2, (nc, c)) @ far
+    o1 = o1 + (fq_c @ far) * rho
     return _ratio(o1.flatten(2, 3)[:, :, :n], eps)
 
 
@@ -274,8 +301,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     q [B, H, N, D], k/v [B, Hkv, N, D] (query head h reads K/V head h // (H/Hkv)); ``key_mask`` boolean keep
     [.., N] broadcastable to [B, H, N] (hidden keys get φ(k) = 0); ``scale`` the softmax scale (taylor,
     performer and the window use it); ``wq``/``wk`` the map's weights (performer: W [D, m] for both;
-    hedgehog: [H, D, F] and [Hkv, D, F]); ``window > 0``: the LoLCATs hybrid with window weight logits
-    ``mix`` [H].
+    hedgehog: [H, D, F] and [Hkv, D, F]); ``window > 0``: the LoLCATs hybrid with log window weights
+    ``mix`` [H] (γ = exp(mix)).
     """
     return linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix)
 
@@ -312,7 +339,7 @@ linear_attention.register_autograd(_backward, setup_context=_setup)
 
 
 @linear_attention.register_kernel("cuda")
-def _(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix):
+def linear_attention_cuda(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix):
     """Triton for window 0: elu/relu/cosine fused into the kernel, performer/hedgehog features computed here and
     passed in. The PyTorch kernel, on the GPU, runs the hybrid and taylor (features wider than the kernel's
     registers hold, codegen/linear_attention.py)."""
@@ -322,7 +349,7 @@ def _(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix):
         return linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix)
     if feature_map in ("elu", "relu", "cosine"):
         return linear_attention_triton(q, k, v, key_mask, feature_map, causal, eps)
-    fq, fk = phi(q, feature_map, "q", scale, wq), phi(k, feature_map, "k", scale, wk)
+    fq, fk = phi(q, feature_map, scale, wq), phi(k, feature_map, scale, wk)
     return linear_attention_triton(fq, fk, v, key_mask, "none", causal, eps)
 
 
@@ -349,8 +376,8 @@ def linear_attention_decode(state: Tensor, z: Tensor, q: Tensor, k: Tensor, v: T
     Returns (o_t [B, H, D], S', z'). Window-0 layers only: the hybrid would also keep its last w keys.
     """
     groups = q.shape[1] // k.shape[1]
-    fq = phi(q[:, :, None], feature_map, "q", scale, wq)[:, :, 0]  # [B, H, F]
-    fk = phi(k[:, :, None], feature_map, "k", scale, wk)[:, :, 0]
+    fq = phi(q[:, :, None], feature_map, scale, wq)[:, :, 0]  # [B, H, F]
+    fk = phi(k[:, :, None], feature_map, scale, wk)[:, :, 0]
     if groups > 1:
         fk, v = fk.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     state = state + fk[..., :, None] * v[..., None, :]
@@ -365,6 +392,40 @@ def _(state, z, q, k, v, scale, feature_map, eps, wq, wk):
 
 
 # --------------------------------------------------------------------------- the softmax layer it replaces
+
+
+def _quadratic_parts(q, k, key_mask, scale, name, causal, window, wq, wk):
+    """(φ(Q)φ(K)ᵀ, e^{s − m}, window pairs, other visible pairs) as dense [B, H, N, N] tensors."""
+    groups = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(groups, 1)
+    a = phi(q, name, scale, wq) @ phi(k, name, scale, wk).repeat_interleave(groups, 1).transpose(-1, -2)
+    i = torch.arange(q.shape[2], device=q.device)[:, None] + (k.shape[2] - q.shape[2])
+    dist = i - torch.arange(k.shape[2], device=q.device)[None]
+    visible = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
+    if key_mask is not None:
+        visible = visible & _keep(key_mask, *kk.shape[:3], torch.float32)[:, :, None, :].bool()
+    band = visible & (((dist >= 0) & (dist < window)) if causal else (dist.abs() < window))
+    s = ((q @ kk.transpose(-1, -2)) * scale).masked_fill(~band, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - m.masked_fill(m == float("-inf"), 0.0))
+    return a, e, band, visible & ~band
+
+
+@torch.no_grad()
+def window_weight(q, k, key_mask, scale, name, causal, window, wq=None, wk=None, rows=256) -> Tensor:
+    """Initial log window weights [H] of the hybrid, from example q/k: per head, γ makes the window's total
+    softmax weight γ·Σ_win e^{s − m} equal the weight the linear map gives the same pairs, Σ_win φ(q)·φ(k), so
+    the window redistributes the linear kernel's mass by exact softmax instead of changing its share. Computed
+    on the last ``rows`` queries (the quadratic form)."""
+    if name in EXP_KERNELS:
+        return q.new_zeros(q.shape[1])
+    q = q[..., -rows:, :]
+    a, e, band, _ = _quadratic_parts(q, k, key_mask, scale, name, causal, window, wq, wk)
+    dims = [d for d in range(a.dim()) if d != 1]
+    lin, soft = (a * band).sum(dims), (e * band).sum(dims)
+    ok = (lin > 0) & (soft > 0)
+    return torch.where(ok, lin.clamp_min(1e-30).log() - soft.clamp_min(1e-30).log(), torch.zeros_like(lin))
+
 
 
 def softmax_attention(q, k, v, key_mask, scale, causal):
@@ -392,7 +453,7 @@ def softmax_attention(q, k, v, key_mask, scale, causal):
 def _register_onnx():
     from .onnx import _const, _repeat_kv, onnx_translation
 
-    def phi_onnx(op, x, name, role, scale, w):
+    def phi_onnx(op, x, name, scale, w):
         if name == "elu":
             return op.Add(op.Elu(x, alpha=1.0), _const(op, 1.0, x))
         if name == "relu":
@@ -403,13 +464,9 @@ def _register_onnx():
             return op.Div(x, norm)  # the constant feature is added to the kernel below
         if name == "performer":
             xs = op.Mul(x, _const(op, math.sqrt(scale), x))
-            proj = op.MatMul(xs, w)
-            if role == "q":
-                shift = op.ReduceMax(proj, op.Constant(value_ints=[-1]), keepdims=1)
-            else:
-                shift = op.Div(op.ReduceSum(op.Mul(xs, xs), op.Constant(value_ints=[-1]), keepdims=1),
+            half_norm = op.Div(op.ReduceSum(op.Mul(xs, xs), op.Constant(value_ints=[-1]), keepdims=1),
                                _const(op, 2.0, x))
-            return op.Mul(op.Exp(op.Sub(proj, shift)), _const(op, w.shape[-1] ** -0.5, x))
+            return op.Mul(op.Exp(op.Sub(op.MatMul(xs, w), half_norm)), _const(op, w.shape[-1] ** -0.5, x))
         y = op.MatMul(x, w)  # hedgehog
         return op.Concat(op.Softmax(y, axis=-1), op.Softmax(op.Neg(y), axis=-1), axis=-1)
 
@@ -425,7 +482,7 @@ def _register_onnx():
             u = op.Mul(op.MatMul(q, op.Transpose(_repeat_kv(op, k, groups), perm=perm)), _const(op, scale, q))
             a = op.Add(op.Add(_const(op, 1.0, q), u), op.Mul(op.Mul(u, u), _const(op, 0.5, q)))
         else:
-            fq, fk = phi_onnx(op, q, feature_map, "q", scale, wq), phi_onnx(op, k, feature_map, "k", scale, wk)
+            fq, fk = phi_onnx(op, q, feature_map, scale, wq), phi_onnx(op, k, feature_map, scale, wk)
             a = op.MatMul(fq, op.Transpose(_repeat_kv(op, fk, groups), perm=perm))
             if feature_map == "cosine":
                 a = op.Add(a, _const(op, 1.0, q))
@@ -447,8 +504,11 @@ def _register_onnx():
             m = op.ReduceMax(s, op.Constant(value_ints=[-1]), keepdims=1)
             m = op.Where(op.IsInf(m), zeros, m)
             e = op.Where(in_band, op.Exp(op.Sub(s, m)), zeros)
-            alpha = op.Reshape(op.Sigmoid(op.CastLike(mix, q)), op.Constant(value_ints=[-1, 1, 1]))
-            weight = op.Add(op.Mul(alpha, e), op.Where(far, a, zeros))
+            gamma = op.Reshape(op.Exp(op.CastLike(mix, q)), op.Constant(value_ints=[-1, 1, 1]))
+            rest = op.Where(far, a, zeros)
+            if feature_map in EXP_KERNELS:
+                rest = op.Mul(rest, op.Exp(op.Neg(m)))
+            weight = op.Add(op.Mul(gamma, e), rest)
         num = op.MatMul(weight, _repeat_kv(op, v, groups))
         den = op.Add(op.ReduceSum(weight, op.Constant(value_ints=[-1]), keepdims=1), _const(op, eps, q))
         return op.Div(num, den)

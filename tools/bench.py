@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+_REPO_DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = _REPO_DOCS if _REPO_DOCS.is_dir() else Path.cwd() / "docs"  # a checkout's docs/, else ./docs
 
 
 def header() -> str:
@@ -139,7 +140,7 @@ def _flex_sliding(n: int, window: int, sinks: int):
         return (qi >= kv) & ((qi - kv < window) | (kv < sinks))
 
     t = time.perf_counter()
-    block_mask = create_block_mask(rule, None, None, n, n, device="cpu")
+    block_mask = torch.compile(create_block_mask)(rule, None, None, n, n, device="cpu")  # no N×N tensor
     compiled = torch.compile(flex_attention, dynamic=False)
     return (lambda q, k, v: compiled(q, k, v, block_mask=block_mask)), time.perf_counter() - t
 
@@ -223,11 +224,13 @@ def e2e_model(layers: int = 4, hidden: int = 512, heads: int = 8, seed: int = 0)
 E2E_RECIPES = {
     "exact": "exact",
     "long-context": "long-context",
+    "sliding window 512 + 4 sinks, all layers": {"name": "window-all", "steps": [
+        {"rewrite": "fuse_attention"}, {"rewrite": "fuse_ffn"},
+        {"rewrite": "sliding_window", "params": {"window": 512, "sinks": 4}}]},
     "gqa (8->2 KV heads, mean)": {"name": "gqa", "steps": [{"rewrite": "gqa", "params": {"kv_heads": 2}},
                                                            {"rewrite": "fuse_ffn"}]},
-    "linear (elu, hybrid w 64)": {"name": "linear", "steps": [{"rewrite": "linear",
-                                                               "params": {"feature_map": "elu", "window": 64}},
-                                                              {"rewrite": "fuse_ffn"}]},
+    "linear (elu)": {"name": "linear", "steps": [{"rewrite": "linear", "params": {"feature_map": "elu"}},
+                                                 {"rewrite": "fuse_ffn"}]},
 }
 
 
@@ -246,6 +249,8 @@ def cmd_e2e(a) -> list[str]:
     ids0 = torch.randint(0, cfg.vocab_size, (1, 128))
     variants = {"eager (sdpa)": model}
     for name, recipe in E2E_RECIPES.items():
+        if a.only and name.split(" ")[0] not in a.only.split(","):
+            continue
         steps = recipe if isinstance(recipe, str) else None
         needed = [s["rewrite"] for s in recipe["steps"]] if isinstance(recipe, dict) else []
         if any(r not in REGISTRY for r in needed):
@@ -272,7 +277,7 @@ def cmd_e2e(a) -> list[str]:
             series[name][0].append(n)
             series[name][1].append(n / t)
             o = outs[name]
-            cos = float(torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0))
+            cos = float(torch.nn.functional.cosine_similarity(o.double().flatten(), ref.double().flatten(), dim=0))
             lines.append(f"| {n} | {name} | {t:.3f} | {n / t:,.0f} | {med['eager (sdpa)'] / t:.2f}x | {cos:.6f} "
                          f"| {float((o - ref).abs().max()):.1e} |")
     lines.append("")
@@ -309,7 +314,16 @@ def cmd_decode(a) -> list[str]:
 COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear growth)"),
             "kernels": (cmd_kernels, "sparse attention kernels vs SDPA and FlexAttention"),
             "e2e": (cmd_e2e, "end-to-end prefill on an HF Llama-style model"),
-            "decode": (cmd_decode, "decode tokens/s of the original model with a KV cache")}
+            "decode": (cmd_decode, "decode tokens/s of the original model with a KV cache"),
+            "linear": (None, "linear attention kernels vs dense causal SDPA")}
+
+
+def _bench_linear():
+    try:
+        from attnforge.tools import bench_linear
+    except ImportError:  # run as a script from tools/
+        import bench_linear
+    return bench_linear
 
 
 def main(argv=None) -> int:
@@ -331,6 +345,7 @@ def main(argv=None) -> int:
     pe.add_argument("--hidden", type=int, default=512)
     pe.add_argument("--repeat", type=int, default=3)
     pe.add_argument("--no-compile", action="store_true")
+    pe.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     pe.add_argument("--compile-max", type=int, default=8192, help="longest N for the torch.compile baseline")
     pd = sub.add_parser("decode", help=COMMANDS["decode"][1])
     pd.add_argument("--n", default="1024,4096")
@@ -338,7 +353,9 @@ def main(argv=None) -> int:
     pd.add_argument("--layers", type=int, default=4)
     pd.add_argument("--hidden", type=int, default=512)
     pd.add_argument("--repeat", type=int, default=3)
-    for sp in (pp, pk, pe, pd):
+    pl = sub.add_parser("linear", help=COMMANDS["linear"][1])
+    _bench_linear().add_arguments(pl)
+    for sp in (pp, pk, pe, pd, pl):
         sp.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke tests; nothing saved")
         sp.add_argument("--no-save", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -353,6 +370,7 @@ def main(argv=None) -> int:
         if a.command == "decode":
             a.n, a.repeat, a.layers, a.hidden, a.tokens = "64", 1, 2, 128, 4
     fn, title = COMMANDS[a.command]
+    fn = fn or _bench_linear().cmd_linear
     lines = fn(a)
     cmd = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = [f"## {a.command}: {title}", "", f"`{cmd}` — {header()}", ""] + lines + [""]

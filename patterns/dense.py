@@ -1,4 +1,4 @@
-"""Projection sites: the dense layers of FFN blocks (up/gate/down) and of attention (q/k/v), one site each.
+"""Dense projection sites: the linear layers of FFN blocks (up/gate/down) and of attention (q/k/v), one site each.
 
 The FFN and attention matchers find the blocks; this module lists their projections with the role each
 plays, for rewrites that replace single linear layers (``memoryformer``). A projection feeding several of
