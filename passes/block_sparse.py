@@ -13,12 +13,12 @@ import torch
 from pydantic import Field, model_validator
 from torch.fx import GraphModule
 
-from attnforge.patterns import AttentionSite, match_attention
-from attnforge.patterns.graph import example_size, insert_call, shape
+from attnforge.patterns import AttentionSite
+from attnforge.patterns.graph import example_size, shape
 from attnforge.runtime import sparse
 
 from .base import ParamError, Params, RewritePass, register
-from .fuse_attention import build_mask, needs
+from .fuse_attention import match, needs, replace_core
 
 N = sympy.Symbol("N", positive=True, integer=True)
 
@@ -38,25 +38,13 @@ class BlockSparseParams(Params):
         return self
 
 
-def match(gm: GraphModule):
-    return match_attention(gm.graph)
-
-
 def apply(gm: GraphModule, site: AttentionSite, params: BlockSparseParams) -> list:
     n = example_size(shape(site.q)[-2]) if shape(site.q) else None
     if n is not None and n % params.block:
         raise ParamError("block", f"block {params.block} does not divide the sequence length {n} "
                                   f"of the example inputs at {site.fqn}")
-    g = gm.graph
-    before = set(g.nodes)
-    with g.inserting_before(site.out):
-        mask = build_mask(gm, site)
-        out = insert_call(g, torch.ops.attnforge.block_sparse_attention.default,
-                          (site.q, site.k, site.v, mask, site.scale, params.block, params.local, params.global_,
-                           params.random, params.seed, params.topk or 0, site.causal), fqn=site.fqn)
-    out.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack", {})
-    out.meta["val"] = site.out.meta.get("val", out.meta.get("val"))
-    return [n for n in g.nodes if n not in before]
+    return replace_core(gm, site, torch.ops.attnforge.block_sparse_attention.default, site.scale, params.block,
+                        params.local, params.global_, params.random, params.seed, params.topk or 0, site.causal)
 
 
 def describe(site: AttentionSite, params: BlockSparseParams) -> dict:

@@ -48,17 +48,23 @@ def build_mask(gm: GraphModule, site: AttentionSite):
     return total
 
 
-def apply(gm: GraphModule, site: AttentionSite, params) -> list:
+def replace_core(gm: GraphModule, site: AttentionSite, op, *args) -> list:
+    """Insert ``op(q, k, v, mask, *args)`` before ``site.out`` (the site's mask built first); return the new nodes.
+
+    The call keeps the site's module stack, so later steps find it under the same FQN."""
     g = gm.graph
     before = set(g.nodes)
     with g.inserting_before(site.out):
         mask = build_mask(gm, site)
-        out = insert_call(g, torch.ops.attnforge.attention.default,
-                          (site.q, site.k, site.v, mask, site.scale, site.sdpa_causal, site.dropout_p),
-                          fqn=site.fqn)
+        out = insert_call(g, op, (site.q, site.k, site.v, mask, *args), fqn=site.fqn)
     out.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack", {})
     out.meta["val"] = site.out.meta.get("val", out.meta.get("val"))
     return [n for n in g.nodes if n not in before]
+
+
+def apply(gm: GraphModule, site: AttentionSite, params) -> list:
+    return replace_core(gm, site, torch.ops.attnforge.attention.default, site.scale, site.sdpa_causal,
+                        site.dropout_p)
 
 
 def describe(site: AttentionSite) -> dict:

@@ -12,12 +12,12 @@ import torch
 from pydantic import Field
 from torch.fx import GraphModule
 
-from attnforge.patterns import AttentionSite, match_attention
-from attnforge.patterns.graph import example_size, insert_call, shape
+from attnforge.patterns import AttentionSite
+from attnforge.patterns.graph import example_size, shape
 from attnforge.runtime import sparse  # noqa: F401  (registers the op)
 
 from .base import Params, RewritePass, register
-from .fuse_attention import build_mask, needs
+from .fuse_attention import match, needs, replace_core
 
 N = sympy.Symbol("N", positive=True, integer=True)
 
@@ -27,21 +27,9 @@ class SlidingWindowParams(Params):
     sinks: int = Field(default=0, ge=0, description="first tokens every query sees (StreamingLLM)")
 
 
-def match(gm: GraphModule):
-    return match_attention(gm.graph)
-
-
 def apply(gm: GraphModule, site: AttentionSite, params: SlidingWindowParams) -> list:
-    g = gm.graph
-    before = set(g.nodes)
-    with g.inserting_before(site.out):
-        mask = build_mask(gm, site)
-        out = insert_call(g, torch.ops.attnforge.sliding_window_attention.default,
-                          (site.q, site.k, site.v, mask, site.scale, params.window, params.sinks, site.causal),
-                          fqn=site.fqn)
-    out.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack", {})
-    out.meta["val"] = site.out.meta.get("val", out.meta.get("val"))
-    return [n for n in g.nodes if n not in before]
+    return replace_core(gm, site, torch.ops.attnforge.sliding_window_attention.default, site.scale, params.window,
+                        params.sinks, site.causal)
 
 
 def pairs(causal: bool, window: int, sinks: int):
