@@ -166,6 +166,128 @@ def cmd_recipes(a) -> int:
     return 0
 
 
+def _params(text: str | None) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise AttnforgeError(f"--params {text!r}: expected name=value pairs like window=512,sinks=4")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_autotune(a) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from attnforge.codegen.autotune import Cache
+    from attnforge.runtime.dispatch import check_backend
+
+    from .tune import collect, record_calls, synthetic_call, tune_all
+
+    out = Console(width=160)
+    cache = Cache(a.cache)
+    if a.show:
+        return _show_cache(cache, out)
+    a.model = a.spec
+    if bool(a.model) == bool(a.op):
+        raise AttnforgeError("give --model SPEC (with --recipe) or --op NAME --shapes ..., or --show")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttnforgeError("--device cuda: no CUDA device is available")
+    backend = a.backend or ("triton" if device.type == "cuda" else "torch")
+    try:
+        check_backend(backend)
+    except (ValueError, RuntimeError) as e:
+        raise AttnforgeError(f"--backend {backend}: {e}") from None
+    if a.budget is not None and a.budget <= 0:
+        raise AttnforgeError(f"--budget {a.budget}: must be a positive number of seconds")
+    dtype = getattr(torch, a.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise AttnforgeError(f"--dtype {a.dtype!r}: expected float32, float16 or bfloat16")
+    with _Stages() as stage:
+        if a.model:
+            from .recipe import load_recipe
+
+            model, opt, args, kwargs = _optimize(a, stage, load_recipe(a.recipe), backend=backend)
+            stage(f"record the kernels the rewritten model runs on {device}")
+            module = opt.module.to(device=device, dtype=dtype) if opt.graph_module is not None else None
+            if module is None:
+                raise AttnforgeError(f"{a.spec}: the model was not captured, so it runs no attnforge kernels")
+            move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            calls = record_calls(module, tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}, backend)
+        else:
+            from .specs import parse_shape
+
+            stage(f"inputs of {a.op}")
+            calls = [synthetic_call(a.op, parse_shape(s), _params(a.params), dtype, device) for s in a.shapes or []]
+            if not calls:
+                raise AttnforgeError("--op needs --shapes, e.g. --shapes 1x8x4096x64")
+        tunables = collect(calls, device, backend)
+    if not tunables:
+        out.print(f"nothing to tune: the {len(calls)} op calls run kernels without tunables on {device} "
+                  f"(backend {backend})")
+        return 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        tasks = {}
+
+        def progress(label, done, total):
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        results = tune_all(tunables, cache, a.budget, a.reps, progress)
+    table = Table(title=f"autotune on {tunables[0].key.device} ({tunables[0].key.capability}), backend {backend}; "
+                        f"cache {cache.path}")
+    for col in ("kernel", "shape", "dtype", "default", "best", "default ms", "best ms", "speedup", "tried"):
+        table.add_column(col, justify="right" if "ms" in col or col in ("speedup", "tried") else "left")
+    for r in results:
+        t = r.tunable
+        table.add_row(t.key.kernel, t.key.shape, t.key.dtype, _config_text(t.default), _config_text(r.best),
+                      f"{r.default_ms:.3f}", f"{r.best_ms:.3f}", f"{r.speedup:.2f}x",
+                      f"{r.tried}/{len(t.space) + (t.default not in t.space)}" + ("" if r.complete else " (budget)"))
+    out.print(table)
+    for r in results:
+        for f in r.failed:
+            out.print(f"[yellow]skipped[/] {r.tunable.key.kernel}: {f}", markup=True)
+    return 0
+
+
+def _config_text(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _show_cache(cache, out) -> int:
+    from rich.table import Table
+
+    entries = cache.entries()
+    table = Table(title=f"{cache.path}: {len(entries)} entries")
+    for col in ("device", "kernel", "shape", "dtype", "config", "ms", "speedup", "tuned at"):
+        table.add_column(col, justify="right" if col in ("ms", "speedup") else "left")
+    for key, e in sorted(entries.items()):
+        device = key.split("|", 2)
+        ratio = e.get("default_ms", float("nan")) / e["ms"] if e.get("ms") else float("nan")
+        table.add_row(f"{device[0]} ({device[1]})", e.get("kernel", "?"), e.get("shape", "?"), e.get("dtype", "?"),
+                      _config_text(e.get("config") or {}), f"{e.get('ms', float('nan')):.3f}", f"{ratio:.2f}x",
+                      e.get("tuned_at", ""))
+    out.print(table)
+    return 0
+
+
+def cmd_codegen(a) -> int:
+    from attnforge.codegen.attention import AttentionSpec, source
+
+    try:
+        spec = AttentionSpec.parse(a.dump)
+    except (ValueError, TypeError) as e:
+        raise AttnforgeError(f"--dump {a.dump!r}: {e}") from None
+    print(source(spec), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="Rewrite the attention of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,10 +313,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", help="write the diff as JSON (docs/report-schema.md) to this file")
     d.set_defaults(fn=cmd_diff)
 
-    b = sub.add_parser("bench", help="benchmarks (tools/bench.py): pipeline | kernels | e2e | decode",
+    b = sub.add_parser("bench", help="benchmarks (tools/bench.py): pipeline | kernels | e2e | decode | linear | autotune | gpu",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=lambda a: __import__("attnforge.tools.bench", fromlist=["main"]).main(a.rest))
+
+    t = sub.add_parser("autotune", help="tune the kernels a rewritten model (or one op) runs; cache the winners")
+    t.add_argument("--model", dest="spec", metavar="SPEC", help=f"model spec: {SPEC_FORMS}")
+    t.add_argument("--recipe", default="exact", help="recipe for --model (default: exact)")
+    t.add_argument("--input-shape", help="example input size for --model, e.g. 1,4096")
+    t.add_argument("--task", help="Hugging Face head for a model folder")
+    t.add_argument("--op", help="tune one op instead: attention, sliding_window, block_sparse, linear, ffn")
+    t.add_argument("--shapes", nargs="+", help="--op input shapes: BxHxNxD (attention ops) or ROWSxD_IN (ffn)")
+    t.add_argument("--params", help="--op parameters, e.g. window=512,sinks=4,kv_heads=2,causal=1")
+    t.add_argument("--dtype", default="float32", help="--op/--model dtype (default float32)")
+    t.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    t.add_argument("--backend", choices=("torch", "triton"),
+                   help="kernels to tune (default: triton on cuda, torch on cpu; triton on cpu needs TRITON_INTERPRET=1)")
+    t.add_argument("--cache", help="cache folder (default: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge)")
+    t.add_argument("--budget", type=float, help="seconds for the whole search, shared among the kernels")
+    t.add_argument("--reps", type=int, default=5, help="timed runs per config; the median counts (default 5)")
+    t.add_argument("--show", action="store_true", help="list the cache and exit")
+    t.set_defaults(fn=cmd_autotune, strict=True, atol=None, model=None)
+
+    cg = sub.add_parser("codegen", help="print the Triton source generated for a kernel spec")
+    cg.add_argument("--dump", required=True, metavar="SPEC",
+                    help="e.g. mask=window,window=512,sinks=4,head_dim=80,groups=2,dtype=float16")
+    cg.set_defaults(fn=cmd_codegen)
 
     rc = sub.add_parser("recipes", help="list builtin recipes")
     rc.add_argument("--schema", action="store_true", help="print the JSON Schema of recipe files")

@@ -12,6 +12,7 @@ from attnforge.passes import REGISTRY, canonicalize
 from attnforge.passes.base import ParamError, SkipSite
 from attnforge.passes.manager import apply_site, dead_code, evaluate, rollback_site
 from attnforge.patterns import refine_causal
+from attnforge.runtime.dispatch import BACKENDS, check_backend, use_backend  # noqa: F401 (BACKENDS re-exported)
 
 from .capture import capture, flat_inputs
 from .errors import CaptureError, RecipeError
@@ -19,17 +20,18 @@ from .recipe import Recipe, load_recipe
 from .report import MissRecord, Report, SiteRecord
 from .verify import compare_outputs, error_stats, record
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 class OptimizedModel(nn.Module):
-    """The rewritten model. Call it like the original; ``.report``, ``.graph_module``, ``.recipe``."""
+    """The rewritten model. Call it like the original; ``.report``, ``.graph_module``, ``.recipe``, ``.backend``
+    (the kernels its ops run on: runtime/dispatch.py)."""
 
-    def __init__(self, module: nn.Module, report: Report, recipe: Recipe, graph_module=None):
+    def __init__(self, module: nn.Module, report: Report, recipe: Recipe, graph_module=None, backend: str = "auto"):
         super().__init__()
         self.module = module
         self.report = report
         self.recipe = recipe
+        self.backend = backend
         self._graph_module = graph_module
 
     @property
@@ -38,7 +40,8 @@ class OptimizedModel(nn.Module):
         return self._graph_module
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        with use_backend(self.backend):
+            return self.module(*args, **kwargs)
 
 
 def _as_args(example_inputs) -> tuple:
@@ -61,19 +64,17 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     ``recipe``: builtin name (``"exact"``), YAML/JSON path, dict or ``Recipe`` (validated first:
     ``RecipeError``). ``example_inputs``/``example_kwargs``: what the model is captured and verified
     on. ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of returning
-    a passthrough whose report says why. ``dynamic``: keep batch/sequence dims symbolic. ``dry_run``:
+    a passthrough whose report says why. ``backend``: "auto" (Triton kernels on CUDA tensors, PyTorch kernels
+    otherwise), "torch" or "triton" (also on CPU tensors under ``TRITON_INTERPRET=1``); the per-site checks and
+    the final verification run on it too. ``dynamic``: keep batch/sequence dims symbolic. ``dry_run``:
     match and select only; the report lists the sites each step would rewrite (status ``planned``, all
     matched on the unrewritten graph) and the model is not changed or verified.
     """
     recipe = load_recipe(recipe)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError("backend='triton': the Triton kernels arrive with the codegen issue; "
-                                  "use 'auto' or 'torch'")
+    check_backend(backend)
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
     say = progress or (lambda msg: None)
-    report = Report(model=type(model).__name__, recipe=recipe.name)
+    report = Report(model=type(model).__name__, recipe=recipe.name, backend=backend)
 
     t = time.perf_counter()
     say("capture")
@@ -83,7 +84,7 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         if strict:
             raise
         report.capture_error = str(e)
-        return OptimizedModel(copy.deepcopy(model), report, recipe)
+        return OptimizedModel(copy.deepcopy(model), report, recipe, backend=backend)
     report.timings["capture"] = time.perf_counter() - t
     report.capture_method, report.dynamic = captured.method, captured.dynamic
     report.notes += captured.notes
@@ -138,7 +139,7 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
                 continue
             rec.info.update(new[-1].meta.pop("attnforge_info", {}))
             try:
-                with torch.no_grad():
+                with torch.no_grad(), use_backend(backend):
                     rec.error = error_stats(evaluate(gm, new, env), env[s.out])
                 failure = None
             except Exception as e:  # noqa: BLE001 - a failing kernel rolls the site back, with the cause
@@ -159,7 +160,8 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         t = time.perf_counter()
         with torch.no_grad():
             ref = captured.model(*args, **kwargs)
-            got = gm(*args, **kwargs)
+            with use_backend(backend):
+                got = gm(*args, **kwargs)
         report.outputs = compare_outputs(ref, got, recipe.verify.atol)
         report.timings["verify"] = time.perf_counter() - t
-    return OptimizedModel(gm, report, recipe, graph_module=gm)
+    return OptimizedModel(gm, report, recipe, graph_module=gm, backend=backend)

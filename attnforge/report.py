@@ -34,6 +34,7 @@ class Report:
     capture_method: str = ""
     capture_error: str = ""
     dynamic: bool = False
+    backend: str = "auto"
     notes: list[str] = field(default_factory=list)
     sites: list[SiteRecord] = field(default_factory=list)
     misses: list[MissRecord] = field(default_factory=list)
@@ -80,7 +81,8 @@ class Report:
         if self.capture_error:
             console.print(f"capture failed, the model runs unchanged:\n{self.capture_error}")
         else:
-            console.print(f"captured with {self.capture_method} ({'dynamic' if self.dynamic else 'static'} shapes); "
+            console.print(f"captured with {self.capture_method} ({'dynamic' if self.dynamic else 'static'} shapes, "
+                          f"backend {self.backend}); "
                           f"graph nodes {self.nodes_before} -> {self.nodes_after}; applied {self.counts() or 'nothing'}")
         for note in self.notes:
             console.print(f"note: {note}")

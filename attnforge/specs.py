@@ -48,7 +48,7 @@ def load_spec(spec: str, input_shape: tuple[int, ...] | None = None, task: str |
         from .demos import build_demo
 
         try:
-            return build_demo(spec[5:])
+            return build_demo(spec[5:], input_shape=input_shape)
         except KeyError as e:
             raise SpecError(str(e.args[0])) from None
     path = Path(spec)

@@ -1,5 +1,5 @@
-"""Triton kernel generators and the per-device autotuning cache (see DESIGN.md, "Autotuning").
+"""Triton kernels and the per-device autotuning cache (DESIGN.md, "Autotuning"; docs/codegen.md).
 
-Nothing is generated yet: the foundation runs every op on its CPU kernel. The codegen issue adds
-the Triton kernels and ``autotune.py`` here.
+attention.py generates a flash-attention source per ``AttentionSpec``; ffn.py, linear_attention.py,
+memoryformer.py and engram.py hold the other ops' kernels; autotune.py owns the config cache.
 """

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import wants_triton
 from .onnx import _ints, onnx_translation
 
 LAYER_SEED_STRIDE = 10007  # the Engram demo's per-layer seed step (seed + 10007·layer)
@@ -85,7 +86,14 @@ def engram_embed(ids: Tensor, table: Tensor, multipliers: List[int], ngram: List
 
     ``ngram``: the N-gram orders; ``heads``: hash heads per order; ``primes``: one modulus per head (order-major);
     ``table``: [Σ primes, dim], head h's segment starting at Σ_{h'<h} primes[h'].
+    CUDA ids with the table in host memory (offloaded): rows gathered on the host, only they are copied over.
     """
+    if ids.is_cuda and table.device.type == "cpu":
+        return _offloaded(ids, table, multipliers, ngram, heads, primes, pad_id)
+    if wants_triton(ids) and table.device == ids.device:
+        from attnforge.codegen.engram import engram_embed_triton
+
+        return engram_embed_triton(ids, table, multipliers, ngram, heads, primes, pad_id)
     return engram_embed_cpu(ids, table, multipliers, ngram, heads, primes, pad_id)
 
 
@@ -114,16 +122,12 @@ def _backward(ctx, grad):
 engram_embed.register_autograd(_backward, setup_context=_setup)
 
 
-@engram_embed.register_kernel("cuda")
-def _(ids, table, multipliers, ngram, heads, primes, pad_id):
-    if table.device.type == "cpu":  # offloaded table: gather in host memory, copy only the rows over
-        rows = engram_rows(ids.cpu(), multipliers, ngram, heads, primes, pad_id)
-        staged = torch.empty((*rows.shape, table.shape[1]), dtype=table.dtype, pin_memory=True)
-        torch.index_select(table, 0, rows.flatten(), out=staged.view(-1, table.shape[1]))
-        return staged.flatten(-2).to(ids.device, non_blocking=True)
-    from attnforge.codegen.engram import engram_embed_triton
-
-    return engram_embed_triton(ids, table, multipliers, ngram, heads, primes, pad_id)
+def _offloaded(ids, table, multipliers, ngram, heads, primes, pad_id):
+    """Gather in pinned host memory, copy only the picked rows to the GPU."""
+    rows = engram_rows(ids.cpu(), multipliers, ngram, heads, primes, pad_id)
+    staged = torch.empty((*rows.shape, table.shape[1]), dtype=table.dtype, pin_memory=True)
+    torch.index_select(table, 0, rows.flatten(), out=staged.view(-1, table.shape[1]))
+    return staged.flatten(-2).to(ids.device, non_blocking=True)
 
 
 @onnx_translation(torch.ops.attnforge.engram_embed.default)

@@ -33,12 +33,17 @@ per chunk, and the rest comes from prefix (and suffix) sums of chunk states lagg
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attnforge.codegen.autotune import Tunable, bucket, lookup, make_key, register_tuner, source_hash
+
+from .dispatch import wants_triton
 
 FEATURE_MAPS = ("elu", "relu", "cosine", "taylor", "performer", "hedgehog")
 EXP_KERNELS = ("taylor", "performer")  # maps whose φ(q)·φ(k) estimates exp(scale·q·k) itself
@@ -304,7 +309,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     hedgehog: [H, D, F] and [Hkv, D, F]); ``window > 0``: the LoLCATs hybrid with log window weights
     ``mix`` [H] (γ = exp(mix)).
     """
-    return linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix)
+    if wants_triton(q):
+        return linear_attention_triton_op(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix)
+    chunk = lookup(chunk_key(q, feature_map, causal, window, wq), {"chunk": CHUNK})["chunk"]
+    return linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix, chunk)
 
 
 @linear_attention.register_fake
@@ -338,8 +346,7 @@ def _backward(ctx, grad):
 linear_attention.register_autograd(_backward, setup_context=_setup)
 
 
-@linear_attention.register_kernel("cuda")
-def linear_attention_cuda(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix):
+def linear_attention_triton_op(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix):
     """Triton for window 0: elu/relu/cosine fused into the kernel, performer/hedgehog features computed here and
     passed in. The PyTorch kernel, on the GPU, runs the hybrid and taylor (features wider than the kernel's
     registers hold, codegen/linear_attention.py)."""
@@ -351,6 +358,34 @@ def linear_attention_cuda(q, k, v, key_mask, scale, feature_map, causal, window,
         return linear_attention_triton(q, k, v, key_mask, feature_map, causal, eps)
     fq, fk = phi(q, feature_map, scale, wq), phi(k, feature_map, scale, wk)
     return linear_attention_triton(fq, fk, v, key_mask, "none", causal, eps)
+
+
+# --------------------------------------------------------------------------- autotuning (codegen/autotune.py)
+
+CHUNKS = (16, 32, 64, 128, 256)
+
+
+@functools.cache
+def _chunk_source() -> str:
+    return source_hash(linear_attention_cpu, _linear_only, _hybrid, causal_chunked)
+
+
+def chunk_key(q: Tensor, feature_map: str, causal: bool, window: int, w: Optional[Tensor]):
+    """Cache key of the CPU kernels' chunk length: it depends on N, D, the feature width and the variant."""
+    f = feature_dim(feature_map, q.shape[-1], w)
+    variant = f"{feature_map}{'_causal' if causal else ''}{f'_w{window}' if window else ''}"
+    return make_key(f"linear_cpu_{variant}", _chunk_source(), q.dtype, f"n={bucket(q.shape[-2])},d={q.shape[-1]},f={f}",
+                    q.device)
+
+
+@register_tuner("linear_attention")
+def _linear_tunables(args, device, backend):
+    q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix = args
+    if backend == "triton":
+        return []  # the Triton kernel's chunk is its register tile: fixed by the feature width
+    return [Tunable(chunk_key(q, feature_map, causal, window, wq), {"chunk": CHUNK}, [{"chunk": c} for c in CHUNKS],
+                    lambda c: linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk,
+                                                   mix, c["chunk"]), device)]
 
 
 # --------------------------------------------------------------------------- decode: a fixed-size recurrent state

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import wants_triton
 from .onnx import _ints, onnx_translation
 
 
@@ -58,7 +59,12 @@ def memory_layer(x: Tensor, table: Tensor, bias: Optional[Tensor], tau: int) -> 
     """MemoryFormer memory layer: y = Σ_k w_k(z_k) · T[k·2^τ + idx_k] + b (see the module docstring).
 
     x [..., d] with τ dividing d; table [d/τ · 2^τ, d_out]; bias [d_out] or None.
+    Triton (codegen/memoryformer.py): hashing, the weights and the gather-sum in one kernel.
     """
+    if wants_triton(x):
+        from attnforge.codegen.memoryformer import memory_layer_triton
+
+        return memory_layer_triton(x, table, bias, tau)
     return memory_layer_cpu(x, table, bias, tau)
 
 
@@ -84,13 +90,6 @@ def _backward(ctx, grad):
 
 
 memory_layer.register_autograd(_backward, setup_context=_setup)
-
-
-@memory_layer.register_kernel("cuda")
-def _(x, table, bias, tau):
-    from attnforge.codegen.memoryformer import memory_layer_triton
-
-    return memory_layer_triton(x, table, bias, tau)
 
 
 @onnx_translation(torch.ops.attnforge.memory_layer.default)

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import ACTIVATIONS
+from attnforge.codegen.autotune import register_tuner
+
+from .dispatch import wants_triton
 
 
 # --------------------------------------------------------------------------- exact attention
@@ -25,7 +28,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
     q: [..., H, N, D]; k, v: [..., Hkv, M, D] with H a multiple of Hkv (grouped-query attention,
     Ainslie et al., 2023): query head h reads key/value head h // (H / Hkv). ``mask`` is additive
     (float) or a boolean keep-mask, broadcastable to [..., H, N, M]. ``causal`` hides key j > i.
+    Triton (codegen/attention.py): the generated forward kernel, or the split-KV decode kernel for one query.
     """
+    if wants_triton(q) and dropout_p == 0 and v.shape[-1] == q.shape[-1]:
+        return attention_triton_op(q, k, v, mask, scale, causal)
     return attention_cpu(q, k, v, mask, scale, causal, dropout_p)
 
 
@@ -58,6 +64,19 @@ def _attention_backward(ctx, grad):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention_triton_op(q, k, v, mask, scale, causal):
+    from attnforge.codegen.attention import attention_triton, decode_triton
+
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if q.shape[-2] == 1 and (not causal or k.shape[-2] == 1):  # one query over all keys: split the keys
+        out = decode_triton(q, k, v, mask, scale)
+    else:
+        out = attention_triton(q, k, v, mask, scale, causal)
+    return out.squeeze(0) if squeeze else out
 
 
 def attention_cpu(q, k, v, mask, scale, causal, dropout_p):
@@ -104,8 +123,13 @@ def ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_down: Tensor, b_down:
     """down(act(up(x))), or down(act(gate(x)) ⊙ up(x)) when a gate is given (GLU variants, Shazeer 2020).
 
     ``layout`` "out_in": W is [out, in] (nn.Linear, y = x Wᵀ + b); "in_out": W is [in, out]
-    (GPT-2 Conv1D, y = x W + b).
+    (GPT-2 Conv1D, y = x W + b). Triton (codegen/ffn.py): the up/gate matmul with act(g)·u in its epilogue.
     """
+    if wants_triton(x):
+        from attnforge.codegen.ffn import ffn_triton, supports
+
+        if supports(activation):
+            return ffn_triton(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout)
     return ffn_cpu(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout)
 
 
@@ -130,3 +154,33 @@ def ffn_cpu(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout):
     else:
         h = act(_project(x, w_up, b_up, layout))
     return _project(h, w_down, b_down, layout)
+
+
+# --------------------------------------------------------------------------- autotuning (codegen/autotune.py)
+
+
+@register_tuner("attention")
+def _attention_tunables(args, device, backend):
+    """The generated Triton kernel (the CPU kernel is SDPA: nothing to tune)."""
+    q, k, v, mask, scale, causal, dropout_p = args
+    if backend != "triton" or q.dim() != 4 or v.shape[-1] != q.shape[-1]:
+        return []
+    from attnforge.codegen.attention import attention_triton, decode_triton, spec_for, tunable
+
+    if q.shape[-2] == 1 and (not causal or k.shape[-2] == 1):
+        spec = spec_for(q, k, scale, mask, decode=True)
+        return [tunable(spec, q, k, v, mask, lambda c: decode_triton(q, k, v, mask, scale, config=c))]
+    spec = spec_for(q, k, scale, mask, mask="causal" if causal else "none")
+    return [tunable(spec, q, k, v, mask, lambda c: attention_triton(q, k, v, mask, scale, causal, config=c))]
+
+
+@register_tuner("ffn")
+def _ffn_tunables(args, device, backend):
+    x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout = args
+    if backend != "triton":
+        return []
+    from attnforge.codegen import ffn as kernel
+
+    if not kernel.supports(activation):
+        return []
+    return [kernel.tunable(*args)]

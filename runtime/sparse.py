@@ -9,11 +9,16 @@ and attended with the same batched call.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attnforge.codegen.autotune import Tunable, bucket, lookup, make_key, register_tuner, source_hash
+
+from .dispatch import wants_triton
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 NEG = float("-inf")
@@ -178,7 +183,12 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Ten
     keys stay visible), ANDed with the model's own ``mask`` (additive or boolean keep-mask).
     q [B, H, N, D], k/v [B, Hkv, N, D] with H a multiple of Hkv.
     """
-    return sliding_window_cpu(q, k, v, mask, scale, window, sinks, causal)
+    if wants_triton(q) and v.shape[-1] == q.shape[-1]:
+        from attnforge.codegen.attention import attention_triton
+
+        return attention_triton(q, k, v, mask, scale, causal, window=window, sinks=sinks)
+    block = lookup(window_key(q, window), {"block": 64})["block"]
+    return sliding_window_cpu(q, k, v, mask, scale, window, sinks, causal, block)
 
 
 @sliding_window_attention.register_fake
@@ -316,6 +326,11 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
     first block and the diagonal. Causal sites stay causal on the original positions; the model's
     own ``mask`` is ANDed in. Work is proportional to the kept blocks.
     """
+    if wants_triton(q) and v.shape[-1] == q.shape[-1] and block >= 16 and block & (block - 1) == 0:
+        from attnforge.codegen.attention import block_sparse_triton
+
+        counts, idx = block_tables(q, k, block, local, global_, random, seed, topk, scale, causal)
+        return block_sparse_triton(q, k, v, mask, scale, counts, idx, block, causal)
     return block_sparse_cpu(q, k, v, mask, scale, block, local, global_, random, seed, topk, causal)
 
 
@@ -337,22 +352,46 @@ def dense_block_mask(counts: Tensor, idx: Tensor, n: int, block: int, causal: bo
     return dense
 
 
-# --------------------------------------------------------------------------- CUDA: Triton kernels (codegen/)
+# --------------------------------------------------------------------------- autotuning (codegen/autotune.py)
+
+WINDOW_BLOCKS = (16, 32, 64, 128, 256)  # query rows per block of the CPU sliding-window kernel
 
 
-@sliding_window_attention.register_kernel("cuda")
-def _(q, k, v, mask, scale, window, sinks, causal):
-    from attnforge.codegen.sparse_attention import sliding_window_triton
-
-    return sliding_window_triton(q, k, v, mask, scale, window, sinks, causal)
+@functools.cache
+def _window_source() -> str:
+    return source_hash(sliding_window_cpu, _windows, _slab, _with_sinks)
 
 
-@block_sparse_attention.register_kernel("cuda")
-def _(q, k, v, mask, scale, block, local, global_, random, seed, topk, causal):
-    from attnforge.codegen.sparse_attention import block_sparse_triton
+def window_key(q: Tensor, window: int):
+    """Cache key of the CPU sliding-window kernel: the block that wins depends on N, D and the window."""
+    return make_key("sliding_window_cpu", _window_source(), q.dtype,
+                    f"n={bucket(q.shape[2])},d={q.shape[-1]},w={bucket(window)}", q.device)
+
+
+@register_tuner("sliding_window_attention")
+def _window_tunables(args, device, backend):
+    q, k, v, mask, scale, window, sinks, causal = args
+    if backend == "triton":
+        from attnforge.codegen.attention import attention_triton, spec_for, tunable
+
+        spec = spec_for(q, k, scale, mask, mask="window", causal=causal, window=window, sinks=sinks)
+        return [tunable(spec, q, k, v, mask, lambda c: attention_triton(q, k, v, mask, scale, causal, window=window,
+                                                                        sinks=sinks, config=c))]
+    return [Tunable(window_key(q, window), {"block": 64}, [{"block": b} for b in WINDOW_BLOCKS],
+                    lambda c: sliding_window_cpu(q, k, v, mask, scale, window, sinks, causal, c["block"]), device)]
+
+
+@register_tuner("block_sparse_attention")
+def _block_sparse_tunables(args, device, backend):
+    q, k, v, mask, scale, block, local, global_, random, seed, topk, causal = args
+    if backend != "triton" or block < 16 or block & (block - 1):
+        return []  # the CPU kernel has no free parameter: the block is the layout's
+    from attnforge.codegen.attention import block_sparse_triton, spec_for, tunable
 
     counts, idx = block_tables(q, k, block, local, global_, random, seed, topk, scale, causal)
-    return block_sparse_triton(q, k, v, mask, scale, counts, idx, block, causal=causal)
+    spec = spec_for(q, k, scale, mask, mask="block_sparse", causal=causal, block=block)
+    return [tunable(spec, q, k, v, mask,
+                    lambda c: block_sparse_triton(q, k, v, mask, scale, counts, idx, block, causal, config=c))]
 
 
 # --------------------------------------------------------------------------- ONNX: masks into the standard composition

@@ -11,6 +11,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory):
+    """Tests never read or write the user's autotune cache (ops look configs up in it at run time)."""
+    old = os.environ.get("ATTNFORGE_CACHE_DIR")
+    os.environ["ATTNFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnforge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ATTNFORGE_CACHE_DIR", None)
+    else:
+        os.environ["ATTNFORGE_CACHE_DIR"] = old
+
+
 FAMILIES = ["bert", "gpt2", "llama", "mistral", "qwen2", "vit"]
 LAYERS = 2
 

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 @pytest.mark.parametrize("command,needle", [("pipeline", "| layers |"), ("kernels", "attnforge sliding_window"),
                                             ("e2e", "long-context"), ("decode", "decode tokens/s"),
-                                            ("linear", "linear elu")])
+                                            ("linear", "linear elu"), ("autotune", "sliding_window_cpu")])
 def test_quick_mode_runs(command, needle):
     docs = BENCH.parent.parent / "docs" / "benchmarks.md"
     before = docs.read_text() if docs.exists() else None

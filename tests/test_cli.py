@@ -163,3 +163,62 @@ def test_progress_names_each_stage_and_report_html(tmp_path):
                   "export ONNX, opset 23", "run the ONNX file in onnxruntime", "diff against the unrewritten graph"):
         assert stage in p.stderr, p.stderr
     assert page.read_text().count("<svg") == 8 and "layers.1.mlp" in page.read_text()
+
+
+def _env(cache):
+    return {**os.environ, "ATTNFORGE_CACHE_DIR": str(cache)}
+
+
+def test_autotune_one_op_then_show(tmp_path):
+    """CPU tuning of the sliding-window kernel: a table of the winner, then the cache lists it."""
+    p = run("autotune", "--op", "sliding_window", "--shapes", "1x2x256x16", "--params", "window=32,sinks=2",
+            "--device", "cpu", "--reps", "1", env=_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "sliding_window_cpu" in p.stdout and "n=256,d=16,w=32" in p.stdout and "speedup" in p.stdout
+    entries = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    (entry,) = entries.values()
+    assert entry["config"]["block"] in (16, 32, 64, 128, 256) and entry["complete"]
+    shown = run("autotune", "--show", "--cache", str(tmp_path))
+    assert shown.returncode == 0 and "1 entries" in shown.stdout and "sliding_window_cpu" in shown.stdout
+
+
+def test_autotune_a_rewritten_model(tmp_path):
+    """--model records the kernels the rewritten model calls at the --input-shape length: both layers run the
+    same window kernel at the same shape, so they share one cache entry."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: win\nsteps:\n  - rewrite: fuse_attention\n  - rewrite: sliding_window\n"
+                      "    params: {window: 16, sinks: 2}\n")
+    p = run("autotune", "--model", "demo:tiny-llama", "--recipe", str(recipe), "--input-shape", "1,96",
+            "--device", "cpu", "--reps", "1", "--cache", str(tmp_path / "c"))
+    assert p.returncode == 0, p.stderr
+    entries = json.loads((tmp_path / "c" / "autotune.json").read_text())["entries"]
+    assert [e["shape"] for e in entries.values()] == ["n=128,d=16,w=16"]  # two layers, one key
+
+
+def test_autotune_with_nothing_to_tune(tmp_path):
+    p = run("autotune", "--op", "attention", "--shapes", "1x2x64x16", "--device", "cpu", "--cache", str(tmp_path))
+    assert p.returncode == 0 and "nothing to tune" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("autotune",), "give --model SPEC"),
+    (("autotune", "--op", "softmax", "--shapes", "1x2x64x16"), "--op 'softmax'"),
+    (("autotune", "--op", "attention"), "--op needs --shapes"),
+    (("autotune", "--op", "attention", "--shapes", "64x16"), "takes q's shape BxHxNxD"),
+    (("autotune", "--op", "sliding_window", "--shapes", "1x2x64x16", "--params", "windw=8"), "windw"),
+    (("autotune", "--op", "attention", "--shapes", "1x3x64x16", "--params", "kv_heads=2"), "must divide"),
+    (("autotune", "--op", "attention", "--shapes", "1x2x64x16", "--budget", "0"), "--budget"),
+    (("autotune", "--op", "attention", "--shapes", "1x2x64x16", "--dtype", "float8"), "--dtype"),
+    (("codegen", "--dump", "mask=diagonal"), "mask must be one of"),
+])
+def test_autotune_and_codegen_bad_input_exit_2(args, needle, tmp_path):
+    p = run(*args, env=_env(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr
+
+
+def test_codegen_dump_prints_the_generated_source():
+    p = run("codegen", "--dump", "mask=window,window=512,sinks=4,head_dim=80,groups=2,dtype=float16")
+    assert p.returncode == 0, p.stderr
+    assert "@triton.jit" in p.stdout and "def attention_fwd" in p.stdout and "kvh = h // 2" in p.stdout
+    compile(p.stdout, "<dump>", "exec")

@@ -62,14 +62,24 @@ def test_fp16():
 
 @pytest.mark.parametrize("name", ["elu", "cosine", "taylor", "performer", "hedgehog"])
 @pytest.mark.parametrize("window", [0, 3])
-def test_cuda_dispatch_equals_the_cpu_kernel(name, window):
-    """The op's CUDA kernel: Triton (fused or on passed-in features) or, for taylor and the hybrid, PyTorch."""
+def test_triton_backend_equals_the_cpu_kernel(name, window, monkeypatch):
+    """The op on the Triton backend: the kernel (fused or on passed-in features) or, for taylor and the hybrid,
+    PyTorch."""
+    import attnforge.codegen.linear_attention as kernel
+    from attnforge.runtime.dispatch import use_backend
+
+    launches = []
+    real = kernel.linear_attention_triton
+    monkeypatch.setattr(kernel, "linear_attention_triton", lambda *a, **kw: launches.append(1) or real(*a, **kw))
     q, k, v, keep = inputs(n=33)
     wq, wk = map_weights(name, 4, 2, 16)
     mix = torch.linspace(-1, 1, 4) if window else None
     want = linear.linear_attention_cpu(q, k, v, keep, 0.25, name, True, window, EPS, wq, wk, mix)
-    got = linear.linear_attention_cuda(*_dev(q, k, v, keep), 0.25, name, True, window, EPS, *_dev(wq, wk, mix))
+    with use_backend("triton"):
+        got = torch.ops.attnforge.linear_attention(*_dev(q, k, v, keep), 0.25, name, True, window, EPS,
+                                                   *_dev(wq, wk, mix))
     assert rel_err(got.cpu(), want) <= 1e-4
+    assert bool(launches) == (window == 0 and name != "taylor")
 
 
 def test_what_the_kernel_covers():

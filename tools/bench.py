@@ -311,11 +311,74 @@ def cmd_decode(a) -> list[str]:
     return lines
 
 
+def cmd_autotune(a) -> list[str]:
+    """CPU autotuning of the sliding-window and linear kernels: every config's median time, the winner, and its
+    ratio to the default config, all from one run (a private cache folder; the user's cache is not touched)."""
+    import tempfile
+
+    from attnforge.codegen.autotune import Cache, tune, tunables_for
+
+    cache = Cache(tempfile.mkdtemp(prefix="attnforge-bench-cache-"))
+    lines = ["| kernel | N | default | tuned | default ms | tuned ms | default / tuned | all configs (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in [int(x) for x in a.n.split(",")]:
+        q = torch.randn(1, a.heads, n, a.dim)
+        k, v = torch.randn(1, a.heads, n, a.dim), torch.randn(1, a.heads, n, a.dim)
+        calls = [("sliding_window_attention", (q, k, v, None, a.dim ** -0.5, a.window, a.sinks, True)),
+                 ("linear_attention", (q, k, v, None, a.dim ** -0.5, "elu", True, 0, 1e-6, None, None, None))]
+        for op, args in calls:
+            (t,) = tunables_for(op, args, "cpu", "torch")
+            r = tune(t, cache, reps=a.repeat)
+            every = ", ".join(f"{next(iter(c.values()))}: {ms:.1f}" for c, ms in r.timings)
+            lines.append(f"| {t.key.kernel} | {n} | {t.default} | {r.best} | {r.default_ms:.1f} | {r.best_ms:.1f} | "
+                         f"{r.speedup:.2f}x | {every} |")
+    lines += ["", f"Sliding window: B=1, H={a.heads}, D={a.dim}, window {a.window}, sinks {a.sinks}, causal; linear: "
+              "elu map, causal. The key includes the shape bucket, so one tuned entry serves N in (N/2, N]."]
+    return lines
+
+
+def cmd_gpu(a) -> list[str]:
+    """TFLOP/s of the generated dense causal kernel against ``F.scaled_dot_product_attention`` (needs CUDA)."""
+    import torch.nn.functional as F
+
+    from attnforge.codegen.attention import attention_triton, flops
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench gpu: needs a CUDA GPU (the interpreter's timings mean nothing)")
+    dtype = getattr(torch, a.dtype)
+    lines = [f"GPU: {torch.cuda.get_device_name()}; B={a.batch}, H={a.heads}, D={a.dim}, {a.dtype}, causal; "
+             "FLOPs = 2·B·H·N²·D (half of dense, the causal work); default config unless the cache holds a tuned one",
+             "", "| N | kernel | ms | TFLOP/s | vs SDPA | max abs diff |", "|---|---|---|---|---|---|"]
+    for n in [int(x) for x in a.n.split(",")]:
+        q, k, v = (torch.randn(a.batch, a.heads, n, a.dim, device="cuda", dtype=dtype) for _ in range(3))
+        fns = {"F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "attnforge generated (causal)": lambda: attention_triton(q, k, v, None, a.dim ** -0.5, True)}
+        diff = (fns["F.scaled_dot_product_attention"]() - fns["attnforge generated (causal)"]()).abs().max().item()
+        ms = {}
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(a.repeat):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms[name] = start.elapsed_time(end) / a.repeat
+        work = flops(n, n, a.heads, a.dim, a.batch) / 2
+        for name, t in ms.items():
+            lines.append(f"| {n} | {name} | {t:.3f} | {work / t / 1e9:.1f} | "
+                         f"{ms['F.scaled_dot_product_attention'] / t:.2f}x | {diff:.1e} |")
+    return lines
+
+
 COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear growth)"),
             "kernels": (cmd_kernels, "sparse attention kernels vs SDPA and FlexAttention"),
             "e2e": (cmd_e2e, "end-to-end prefill on an HF Llama-style model"),
             "decode": (cmd_decode, "decode tokens/s of the original model with a KV cache"),
-            "linear": (None, "linear attention kernels vs dense causal SDPA")}
+            "linear": (None, "linear attention kernels vs dense causal SDPA"),
+            "gpu": (cmd_gpu, "generated dense causal Triton kernel vs SDPA, TFLOP/s (CUDA only)"),
+            "autotune": (cmd_autotune, "CPU autotuning: tuned vs default config of the sliding-window and linear kernels")}
 
 
 def _bench_linear():
@@ -324,6 +387,13 @@ def _bench_linear():
     except ImportError:  # run as a script from tools/
         import bench_linear
     return bench_linear
+
+
+def _options(parser, **defaults):
+    """``--name`` options typed by their defaults."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return parser
 
 
 def main(argv=None) -> int:
@@ -347,15 +417,15 @@ def main(argv=None) -> int:
     pe.add_argument("--no-compile", action="store_true")
     pe.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     pe.add_argument("--compile-max", type=int, default=8192, help="longest N for the torch.compile baseline")
-    pd = sub.add_parser("decode", help=COMMANDS["decode"][1])
-    pd.add_argument("--n", default="1024,4096")
-    pd.add_argument("--tokens", type=int, default=32)
-    pd.add_argument("--layers", type=int, default=4)
-    pd.add_argument("--hidden", type=int, default=512)
-    pd.add_argument("--repeat", type=int, default=3)
+    pd = _options(sub.add_parser("decode", help=COMMANDS["decode"][1]), n="1024,4096", tokens=32, layers=4,
+                  hidden=512, repeat=3)
     pl = sub.add_parser("linear", help=COMMANDS["linear"][1])
     _bench_linear().add_arguments(pl)
-    for sp in (pp, pk, pe, pd, pl):
+    pa = _options(sub.add_parser("autotune", help=COMMANDS["autotune"][1]), n="4096,8192,32768", heads=8, dim=64,
+                  window=512, sinks=4, repeat=5)
+    pg = _options(sub.add_parser("gpu", help=COMMANDS["gpu"][1]), n="4096,16384", batch=1, heads=16, dim=128,
+                  dtype="float16", repeat=20)
+    for sp in (pp, pk, pe, pd, pl, pa, pg):
         sp.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke tests; nothing saved")
         sp.add_argument("--no-save", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -369,6 +439,8 @@ def main(argv=None) -> int:
             a.n, a.repeat, a.layers, a.hidden, a.no_compile = "256", 1, 2, 128, True
         if a.command == "decode":
             a.n, a.repeat, a.layers, a.hidden, a.tokens = "64", 1, 2, 128, 4
+        if a.command == "autotune":
+            a.n, a.repeat, a.heads, a.dim, a.window = "256", 1, 2, 16, 32
     fn, title = COMMANDS[a.command]
     fn = fn or _bench_linear().cmd_linear
     lines = fn(a)

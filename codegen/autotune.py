@@ -1,0 +1,323 @@
+"""Autotuning: a search space per kernel, median timings, and one JSON cache per user (DESIGN.md, "Autotuning").
+
+A cache entry is keyed by everything that can change the answer: device name and capability, torch and triton
+versions, the kernel's name and source hash, dtype, and a shape bucket (lengths rounded up to powers of two).
+The file (``$ATTNFORGE_CACHE_DIR/autotune.json``, default ``~/.cache/attnforge``) is rewritten whole under a
+file lock through a temporary file and ``os.replace``: concurrent tuners never lose each other's entries and
+readers never see half a file. A file that does not parse is moved aside with a warning and rebuilt.
+``lookup`` never raises: a broken cache costs the default config, never the model.
+
+Kernels take part by registering a *tuner* for the op that calls them (``register_tuner``): given the op's
+arguments and a device, it returns the ``Tunable`` kernels that call would run (key, default, search space and
+a closure that runs one config). ``attnforge autotune`` records the ops a model calls and tunes each.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from filelock import FileLock
+
+ENV = "ATTNFORGE_CACHE_DIR"
+FILENAME = "autotune.json"
+FORMAT = 1  # bump when the entry layout changes: older files are then set aside and rebuilt
+
+
+def cache_dir(directory: Optional[str | os.PathLike] = None) -> Path:
+    return Path(directory or os.environ.get(ENV) or Path.home() / ".cache" / "attnforge").expanduser()
+
+
+def source_hash(*parts: Any) -> str:
+    """sha256 (16 hex digits) of texts, functions or modules (their source): a kernel's identity in the key."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update((p if isinstance(p, str) else inspect.getsource(p)).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n``: one cache entry serves every length in (bucket/2, bucket]."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@functools.cache
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def device_fields(device) -> tuple[str, str]:
+    """(name, capability) of a device: ``("NVIDIA H100 ...", "sm_90")`` or ``(cpu model, "cpu/2threads")``
+    (CPU timings depend on the thread count, so it is part of the capability)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return torch.cuda.get_device_name(index), f"sm_{major}{minor}"
+    return _cpu_name(), f"{device.type}/{torch.get_num_threads()}threads"
+
+
+@dataclass(frozen=True)
+class Key:
+    """What a cache entry is valid for. ``str(key)`` is the JSON key."""
+
+    kernel: str
+    source: str
+    dtype: str
+    shape: str
+    device: str
+    capability: str
+    torch: str
+    triton: str
+
+    def __str__(self) -> str:
+        return "|".join((self.device, self.capability, f"torch {self.torch}", f"triton {self.triton}", self.kernel,
+                         self.source, self.dtype, self.shape))
+
+
+def make_key(kernel: str, source: str, dtype, shape: str, device) -> Key:
+    name, capability = device_fields(device)
+    return Key(kernel, source, str(dtype).removeprefix("torch."), shape, name, capability, torch.__version__,
+               _triton_version())
+
+
+class CorruptCache(ValueError):
+    pass
+
+
+class Cache:
+    """The JSON cache file: ``{"format": 1, "entries": {str(key): entry}}``."""
+
+    def __init__(self, directory: Optional[str | os.PathLike] = None):
+        self.dir = cache_dir(directory)
+        self.path = self.dir / FILENAME
+        self._lock = FileLock(str(self.path) + ".lock", timeout=120)
+        self._seen: tuple[Any, dict] = (None, {})  # (stat of the file read last, its entries)
+
+    def entries(self) -> dict[str, dict]:
+        """Every entry (re-read only when the file changed). A corrupt file is set aside, and reads as empty."""
+        sig = self._signature()
+        if sig is not None and sig == self._seen[0]:
+            return self._seen[1]
+        try:
+            entries = self._read()
+        except CorruptCache:
+            with self._lock:
+                entries = self._read_or_set_aside()
+        self._seen = (self._signature(), entries)
+        return entries
+
+    def get(self, key: Key | str) -> Optional[dict]:
+        return self.entries().get(str(key))
+
+    def put(self, key: Key | str, entry: dict) -> None:
+        """Add or replace one entry: read, merge and write back under the lock, atomically."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            entries = dict(self._read_or_set_aside())
+            entries[str(key)] = entry
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".autotune.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self._seen = (None, {})
+
+    def _signature(self):
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise CorruptCache(f"not JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            raise CorruptCache(f"not an attnforge autotune cache of format {FORMAT}")
+        return data["entries"]
+
+    def _read_or_set_aside(self) -> dict[str, dict]:
+        """Under the lock: the entries, or {} after moving an unreadable file aside (nothing is deleted)."""
+        try:
+            return self._read()
+        except CorruptCache as e:
+            aside = self.path.with_name(f"autotune.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
+            os.replace(self.path, aside)
+            warnings.warn(f"attnforge: the autotune cache {self.path} was unreadable ({e}); moved it to {aside} "
+                          "and started a new one", RuntimeWarning, stacklevel=3)
+            return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_at(path: Path) -> Cache:
+    return Cache(path)
+
+
+def default_cache() -> Cache:
+    """The cache of ``$ATTNFORGE_CACHE_DIR`` (read at each call, so tests and tools may point it elsewhere)."""
+    return _cache_at(cache_dir())
+
+
+_warned: set[str] = set()
+
+
+def lookup(key: Key, default: dict, cache: Optional[Cache] = None) -> dict:
+    """The tuned config for ``key``, else ``default``. Never raises (a broken cache warns once)."""
+    try:
+        entry = (cache or default_cache()).get(key)
+        if entry is not None:
+            return {**default, **entry["config"]}
+    except Exception as e:  # noqa: BLE001 - the cache is an optimisation; the model must run regardless
+        if str(e) not in _warned:
+            _warned.add(str(e))
+            warnings.warn(f"attnforge: autotune cache lookup failed ({e}); using the default config",
+                          RuntimeWarning, stacklevel=2)
+    return default
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+@dataclass
+class Tunable:
+    """One kernel at one shape: its cache key, default config, search space and a runner of one config."""
+
+    key: Key
+    default: dict
+    space: list[dict]
+    run: Callable[[dict], Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.key.kernel} {self.key.shape} {self.key.dtype}"
+
+
+@dataclass
+class Result:
+    tunable: Tunable
+    best: dict
+    best_ms: float
+    default_ms: float
+    tried: int
+    failed: list[str]
+    complete: bool  # False when the budget ran out before the whole space was timed
+    timings: list[tuple[dict, float]] = field(default_factory=list)  # (config, median ms) in the order tried
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.best_ms
+
+
+def _timer(fn: Callable[[], Any], device) -> Callable[[], float]:
+    """A function that runs ``fn`` once and returns its wall time in ms (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed() -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t) * 1e3
+    return timed
+
+
+def tune(t: Tunable, cache: Optional[Cache] = None, budget_s: Optional[float] = None, reps: int = 5,
+         on_config: Optional[Callable[[int, int], None]] = None) -> Result:
+    """Time every config of the space and the default, keep the fastest, store it in the cache.
+
+    Each config first runs once (compiling it, and finding those that cannot run, e.g. out of shared memory on
+    a GPU: they are skipped and listed); then ``reps`` rounds time every config in turn, so a change of load
+    hits all alike, and each config's median counts. ``budget_s`` stops the warm-ups once spent (the default
+    always runs) and the rounds after the first. ``on_config(done, total)`` reports the warm-ups' progress.
+    """
+    start = time.perf_counter()
+    spent = lambda: budget_s is not None and time.perf_counter() - start > budget_s  # noqa: E731
+    space = [t.default] + [c for c in t.space if c != t.default]
+    runs, failed = [], []
+    for i, config in enumerate(space):
+        if i > 0 and spent():
+            break
+        timed = _timer(lambda config=config: t.run(config), t.device)
+        try:
+            timed()
+        except Exception as e:  # noqa: BLE001 - a config that cannot run is not a candidate
+            if i == 0:
+                raise
+            failed.append(f"{config}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        else:
+            runs.append((config, timed, []))
+        if on_config is not None:
+            on_config(i + 1, len(space))
+    for r in range(max(1, reps)):
+        if r > 0 and spent():
+            break
+        for _, timed, times in runs:
+            times.append(timed())
+    timings = [(config, statistics.median(times)) for config, _, times in runs]
+    best, best_ms = min(timings, key=lambda ct: ct[1])
+    default_ms = timings[0][1]
+    complete = len(runs) + len(failed) == len(space)
+    (cache or default_cache()).put(t.key, {
+        "config": best, "ms": best_ms, "default": t.default, "default_ms": default_ms, "tried": len(runs),
+        "complete": complete, "kernel": t.key.kernel, "shape": t.key.shape, "dtype": t.key.dtype,
+        "device": t.key.device, "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return Result(t, best, best_ms, default_ms, len(runs), failed, complete, timings)
+
+
+# --------------------------------------------------------------------------- which kernels an op call runs
+
+TUNERS: dict[str, Callable[..., list[Tunable]]] = {}
+
+
+def register_tuner(op_name: str):
+    """Decorator: ``fn(args: tuple, device, backend) -> list[Tunable]`` for calls of ``torch.ops.attnforge.<op>``
+    (``args`` as the op received them; ``backend`` "torch" or "triton")."""
+    def wrap(fn):
+        TUNERS[op_name] = fn
+        return fn
+    return wrap
+
+
+def tunables_for(op_name: str, args: tuple, device, backend: str) -> list[Tunable]:
+    fn = TUNERS.get(op_name)
+    return fn(args, torch.device(device), backend) if fn is not None else []
