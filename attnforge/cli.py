@@ -211,7 +211,8 @@ def cmd_autotune(a) -> int:
         if a.model:
             from .recipe import load_recipe
 
-            model, opt, args, kwargs = _optimize(a, stage, load_recipe(a.recipe), backend=backend)
+            # rewritten (and verified) on CPU with the PyTorch kernels; the kernels are then recorded on the device
+            model, opt, args, kwargs = _optimize(a, stage, load_recipe(a.recipe), backend="torch")
             stage(f"record the kernels the rewritten model runs on {device}")
             module = opt.module.to(device=device, dtype=dtype) if opt.graph_module is not None else None
             if module is None:
@@ -250,6 +251,9 @@ def cmd_autotune(a) -> int:
                       f"{r.default_ms:.3f}", f"{r.best_ms:.3f}", f"{r.speedup:.2f}x",
                       f"{r.tried}/{len(t.space) + (t.default not in t.space)}" + ("" if r.complete else " (budget)"))
     out.print(table)
+    if backend == "triton" and device.type == "cpu":
+        out.print("note: Triton ran in the interpreter (TRITON_INTERPRET=1): these timings check the plumbing and say "
+                  "nothing about a GPU; the entries are keyed to this CPU and never used on one", markup=False)
     for r in results:
         for f in r.failed:
             out.print(f"[yellow]skipped[/] {r.tunable.key.kernel}: {f}", markup=True)

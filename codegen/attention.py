@@ -465,6 +465,8 @@ def _forward(spec, q, k, v, mask, config, tables=None):
     kernel = compile_spec(spec).attention_fwd
     q, k, v = _last_dim_contiguous(q, k, v)
     out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
     extra = []
     add = _additive_4d(mask, q.dtype)
     if add is not None:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import ACTIVATIONS
 from attnforge.codegen.autotune import register_tuner
 
+from .activations import ACTIVATIONS
 from .dispatch import wants_triton
 
 

@@ -195,6 +195,18 @@ def test_autotune_a_rewritten_model(tmp_path):
     assert [e["shape"] for e in entries.values()] == ["n=128,d=16,w=16"]  # two layers, one key
 
 
+def test_autotune_a_model_on_the_triton_backend_in_the_interpreter(tmp_path):
+    """--backend triton on CPU (TRITON_INTERPRET=1): the model is rewritten on the PyTorch kernels, then the
+    generated attention and FFN kernels it calls are recorded and tuned (the plumbing a GPU run takes)."""
+    env = {**_env(tmp_path), "TRITON_INTERPRET": "1"}
+    p = run("autotune", "--model", "demo:tiny-llama", "--backend", "triton", "--device", "cpu", "--budget", "4",
+            "--reps", "1", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "interpreter" in p.stdout
+    kernels = {e["kernel"] for e in json.loads((tmp_path / "autotune.json").read_text())["entries"].values()}
+    assert kernels == {"attn_causal_g2_d16_float32", "ffn_glu_silu"}
+
+
 def test_autotune_with_nothing_to_tune(tmp_path):
     p = run("autotune", "--op", "attention", "--shapes", "1x2x64x16", "--device", "cpu", "--cache", str(tmp_path))
     assert p.returncode == 0 and "nothing to tune" in p.stdout
