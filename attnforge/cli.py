@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -289,6 +290,14 @@ def cmd_codegen(a) -> int:
     except (ValueError, TypeError) as e:
         raise AttnforgeError(f"--dump {a.dump!r}: {e}") from None
     print(source(spec), end="")
+    if a.arch is not None:
+        from attnforge.codegen.attention import compile_for
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise AttnforgeError("--arch compiles for a GPU: unset TRITON_INTERPRET")
+        for name, kernel in compile_for(spec, a.arch).items():
+            print(f"# {name}: compiled for sm_{a.arch}: {len(kernel.asm['cubin'])} bytes of cubin, "
+                  f"{kernel.metadata.shared} bytes of shared memory", file=sys.stderr)
     return 0
 
 
@@ -343,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     cg = sub.add_parser("codegen", help="print the Triton source generated for a kernel spec")
     cg.add_argument("--dump", required=True, metavar="SPEC",
                     help="e.g. mask=window,window=512,sinks=4,head_dim=80,groups=2,dtype=float16")
+    cg.add_argument("--arch", type=int, metavar="SM",
+                    help="also compile it for this NVIDIA compute capability (e.g. 90), no GPU needed")
     cg.set_defaults(fn=cmd_codegen)
 
     rc = sub.add_parser("recipes", help="list builtin recipes")
