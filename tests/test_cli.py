@@ -234,3 +234,13 @@ def test_codegen_dump_prints_the_generated_source():
     assert p.returncode == 0, p.stderr
     assert "@triton.jit" in p.stdout and "def attention_fwd" in p.stdout and "kvh = h // 2" in p.stdout
     compile(p.stdout, "<dump>", "exec")
+
+
+def test_codegen_arch_compiles_for_a_gpu_without_one():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = run("codegen", "--dump", "mask=causal,head_dim=64,dtype=float16", "--arch", "90", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "attention_fwd: compiled for sm_90" in p.stderr and "bytes of shared memory" in p.stderr
+    p = run("codegen", "--dump", "mask=causal", "--arch", "90", env={**env, "TRITON_INTERPRET": "1"})
+    assert p.returncode == 2 and "unset TRITON_INTERPRET" in p.stderr
