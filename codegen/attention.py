@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autotune import Tunable, bucket, lookup, make_key, source_hash
+from .autotune import Tunable, bucket, cache_dir, lookup, make_key, source_hash
 
 MASKS = ("none", "causal", "window", "block_sparse")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -209,6 +209,8 @@ def _ranges(spec: AttentionSpec) -> list[str]:
                 f"full_lo, full_hi = 0, tl.minimum((m0 + 1) // BLOCK_N * BLOCK_N, {tail})"]
     w = spec.window
     right = "m0 + BLOCK_M" if spec.causal else f"m0 + BLOCK_M + {w - 1}"
+    if spec.sinks and not spec.causal:  # bidirectional sinks are seen by every query, also past the band's end
+        right = f"tl.maximum({right}, {spec.sinks})"
     full_end = "(m0 + 1)" if spec.causal else f"(m0 + {w})"  # a tile [j, j + BLOCK_N) is inside for every row iff
     return [  # j ≥ (last row) − w + 1 and j + BLOCK_N ≤ full_end
         f"lo = tl.maximum(m0 - {w - 1}, 0) // BLOCK_N * BLOCK_N",
@@ -349,10 +351,19 @@ def source(spec: AttentionSpec) -> str:
             f"{_tile_fn(spec, d_pad)}\n\n\n{body}\n")
 
 
+@functools.cache
 def _kernel_dir() -> Path:
-    path = Path(tempfile.gettempdir()) / f"attnforge-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where generated sources are written and imported from: the user's cache folder (never a shared, guessable
+    folder another user could plant files in), or a fresh private temporary folder when that is not writable."""
+    path = cache_dir() / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        return path
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="attnforge-kernels-"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,7 +415,7 @@ def _config(spec, n_q, n_k, device, config):
     default = _default_decode(n_k) if spec.decode else _default_forward(spec)
     if config is not None:
         return {**default, **config}
-    return lookup(_key(spec, n_q, n_k, device), default)
+    return lookup(lambda: _key(spec, n_q, n_k, device), default)
 
 
 def _default_decode(n_k: int) -> dict:

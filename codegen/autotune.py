@@ -131,7 +131,7 @@ class Cache:
         except CorruptCache:
             with self._lock:
                 entries = self._read_or_set_aside()
-        self._seen = (self._signature(), entries)
+        self._seen = (sig, entries)  # the stat taken before the read: a newer file is re-read next time
         return entries
 
     def get(self, key: Key | str) -> Optional[dict]:
@@ -200,10 +200,11 @@ def default_cache() -> Cache:
 _warned: set[str] = set()
 
 
-def lookup(key: Key, default: dict, cache: Optional[Cache] = None) -> dict:
-    """The tuned config for ``key``, else ``default``. Never raises (a broken cache warns once)."""
+def lookup(key: Key | Callable[[], Key], default: dict, cache: Optional[Cache] = None) -> dict:
+    """The tuned config for ``key`` (or for the key a function makes: its errors are caught too), else ``default``.
+    Never raises (a broken cache warns once)."""
     try:
-        entry = (cache or default_cache()).get(key)
+        entry = (cache or default_cache()).get(key() if callable(key) else key)
         if entry is not None:
             return {**default, **entry["config"]}
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation; the model must run regardless

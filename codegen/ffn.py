@@ -179,8 +179,8 @@ def ffn_triton(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"unknown weight layout {layout!r}")
     rows = x.reshape(-1, x.shape[-1])
-    cfg = {**DEFAULT_CONFIG, **config} if config else lookup(_key(rows, w_up, w_down, w_gate, activation, layout),
-                                                              DEFAULT_CONFIG)
+    cfg = {**DEFAULT_CONFIG, **config} if config else lookup(
+        lambda: _key(rows, w_up, w_down, w_gate, activation, layout), DEFAULT_CONFIG)
     h = _matmul(rows, w_up, b_up, w_gate, b_gate, activation, layout, cfg)
     y = _matmul(h, w_down, b_down, None, None, "identity", layout, cfg)
     return y.view(*x.shape[:-1], y.shape[-1])

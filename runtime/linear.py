@@ -311,7 +311,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     """
     if wants_triton(q):
         return linear_attention_triton_op(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix)
-    chunk = lookup(chunk_key(q, feature_map, causal, window, wq), {"chunk": CHUNK})["chunk"]
+    chunk = lookup(lambda: chunk_key(q, feature_map, causal, window, wq), {"chunk": CHUNK})["chunk"]
     return linear_attention_cpu(q, k, v, key_mask, scale, feature_map, causal, window, eps, wq, wk, mix, chunk)
 
 

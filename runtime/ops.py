@@ -30,7 +30,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
     (float) or a boolean keep-mask, broadcastable to [..., H, N, M]. ``causal`` hides key j > i.
     Triton (codegen/attention.py): the generated forward kernel, or the split-KV decode kernel for one query.
     """
-    if wants_triton(q) and dropout_p == 0 and v.shape[-1] == q.shape[-1]:
+    if wants_triton(q) and dropout_p == 0 and v.shape[-1] == q.shape[-1] and q.dim() in (3, 4):
         return attention_triton_op(q, k, v, mask, scale, causal)
     return attention_cpu(q, k, v, mask, scale, causal, dropout_p)
 

@@ -183,11 +183,11 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Ten
     keys stay visible), ANDed with the model's own ``mask`` (additive or boolean keep-mask).
     q [B, H, N, D], k/v [B, Hkv, N, D] with H a multiple of Hkv.
     """
-    if wants_triton(q) and v.shape[-1] == q.shape[-1]:
+    if wants_triton(q) and v.shape[-1] == q.shape[-1] and window > 0:
         from attnforge.codegen.attention import attention_triton
 
         return attention_triton(q, k, v, mask, scale, causal, window=window, sinks=sinks)
-    block = lookup(window_key(q, window), {"block": 64})["block"]
+    block = lookup(lambda: window_key(q, window), {"block": 64})["block"]
     return sliding_window_cpu(q, k, v, mask, scale, window, sinks, causal, block)
 
 

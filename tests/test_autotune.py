@@ -47,8 +47,13 @@ def test_key_changes_when_the_kernel_source_changes():
     assert attention._key(a, 64, 64, "cpu") != attention._key(b, 64, 64, "cpu")
     assert attention._key(a, 64, 64, "cpu").source == source_hash(attention.source(a))
     # a CPU kernel's key hashes its functions' source: an edited function is a different kernel
-    edited = source_hash(sparse.sliding_window_cpu, sparse._windows, sparse._slab, sparse._with_sinks.__doc__ or "x")
-    assert sparse.window_key(q, 16).source == sparse._window_source() != edited
+    import inspect
+
+    texts = [inspect.getsource(f) for f in (sparse.sliding_window_cpu, sparse._windows, sparse._slab,
+                                             sparse._with_sinks)]
+    assert sparse.window_key(q, 16).source == sparse._window_source() == source_hash(*texts)
+    texts[2] = texts[2].replace("window_visible(i, j, window, 0, causal)", "window_visible(i, j, window, 1, causal)")
+    assert source_hash(*texts) != sparse._window_source()
 
 
 def test_put_get_round_trip_and_file_layout(cache_dir):
@@ -122,6 +127,31 @@ def test_lookups_never_fail_the_model(tmp_path, monkeypatch):
     out = sparse.sliding_window_attention(q, q, q, None, 0.3, 8, 2, True)
     torch.testing.assert_close(out, masked_softmax_reference(q, q, q, visible_plain(40, 8, 2, True), 0.3),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_file_replaced_during_a_read_is_read_again(cache_dir, monkeypatch):
+    """Another tuner replaces the file between a reader's read and its stat: the reader must not keep the old
+    entries under the new file's identity (it would never see the new entry)."""
+    Cache().put(key("a"), {"config": {"x": 1}, "ms": 1.0})
+    reader, real = Cache(), Cache._read
+
+    def read_then_another_tuner_writes(self):
+        entries = real(self)
+        monkeypatch.setattr(Cache, "_read", real)
+        Cache().put(key("b"), {"config": {"x": 2}, "ms": 1.0})
+        return entries
+
+    monkeypatch.setattr(Cache, "_read", read_then_another_tuner_writes)
+    assert reader.get(key("b")) is None  # this read predates b
+    assert reader.get(key("b"))["config"] == {"x": 2}  # the next one sees it
+
+
+def test_a_key_that_cannot_be_made_costs_the_default():
+    def broken_key():
+        raise OSError("could not get source code")
+
+    with pytest.warns(RuntimeWarning, match="could not get source code"):
+        assert lookup(broken_key, {"block": 64}) == {"block": 64}
 
 
 def _sleeper(ms_by_config):

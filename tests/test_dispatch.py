@@ -83,6 +83,11 @@ def test_cases_triton_does_not_cover_fall_back_to_torch(launches):
         ops.attention(q, q, q, None, 0.25, True, 0.1)  # dropout
         ops.attention(q, q, torch.randn(1, 2, 20, 8), None, 0.25, True, 0.0)  # head dims differ
         ops.ffn(q, torch.randn(24, 16), None, torch.randn(16, 24), None, None, None, "relu", "out_in")  # supported
+        five_d = torch.randn(1, 2, 2, 20, 16)  # [..., H, N, D] with two leading dims
+        torch.testing.assert_close(ops.attention(five_d, five_d, five_d, None, 0.25, True, 0.0),
+                                   torch.nn.functional.scaled_dot_product_attention(five_d, five_d, five_d,
+                                                                                    is_causal=True, scale=0.25))
+        ops.sliding_window_attention(q, q, q, None, 0.25, 0, 2, True)  # window 0: the PyTorch rule (sinks only)
     assert launches == {"ffn_triton": 1}
 
 
