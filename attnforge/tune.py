@@ -7,6 +7,7 @@ tuned once, and the winners land in the cache that the ops read at run time.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -108,8 +109,6 @@ def collect(calls: list[tuple[str, tuple]], device, backend: str) -> list[Tunabl
 def tune_all(tunables: list[Tunable], cache: Cache, budget_s: Optional[float], reps: int = 5,
              progress: Optional[Callable[[str, int, int], None]] = None) -> list[Result]:
     """Tune each kernel in turn; the budget is shared out evenly among those not yet tuned."""
-    import time
-
     results, start = [], time.perf_counter()
     for i, t in enumerate(tunables):
         share = None

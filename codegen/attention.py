@@ -117,6 +117,10 @@ class AttentionSpec:
         return ("decode_" if self.decode else "attn_") + "_".join(parts)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
@@ -411,28 +415,35 @@ def _key(spec: AttentionSpec, n_q: int, n_k: int, device):
                     device)
 
 
+def _default(spec: AttentionSpec, n_k: int) -> dict:
+    return _default_decode(n_k) if spec.decode else _default_forward(spec)
+
+
 def _config(spec, n_q, n_k, device, config):
-    default = _default_decode(n_k) if spec.decode else _default_forward(spec)
+    default = _default(spec, n_k)
     if config is not None:
         return {**default, **config}
     return lookup(lambda: _key(spec, n_q, n_k, device), default)
 
 
 def _default_decode(n_k: int) -> dict:
-    return dict(BLOCK_N=64, SPLIT=max(64, min(2048, bucket(-(-n_k // 16)))), num_warps=4)
+    return dict(BLOCK_N=64, SPLIT=max(64, min(2048, bucket(_cdiv(n_k, 16)))), num_warps=4)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def _additive_4d(mask: Optional[Tensor], dtype) -> Optional[Tensor]:
+def _mask_args(mask: Optional[Tensor], shape) -> list:
+    """The kernel arguments of the model mask: the additive mask broadcast (by strides, no copy) to ``shape``
+    [B, H, N, M] and its four strides; a boolean keep-mask becomes 0 / −inf first."""
     if mask is None:
-        return None
+        return []
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    return mask
+    mask = mask.expand(*shape)
+    return [mask, *mask.stride()]
 
 
 def _last_dim_contiguous(*xs: Tensor):
@@ -461,7 +472,7 @@ def block_sparse_triton(q, k, v, mask, scale, counts, indices, block, causal, co
     """Attention over the KV blocks in index tables (counts [.., nqb], indices [.., nqb, W] broadcast to [B, H])."""
     spec = spec_for(q, k, scale, mask, mask="block_sparse", causal=causal, block=block)
     b, h = q.shape[:2]
-    nqb = -(-q.shape[2] // block)
+    nqb = _cdiv(q.shape[2], block)
     counts = counts.expand(b, h, nqb).reshape(b * h, nqb).to(torch.int32).contiguous()
     indices = indices.expand(b, h, nqb, indices.shape[-1]).reshape(b * h, nqb, -1).to(torch.int32).contiguous()
     return _forward(spec, q, k, v, mask, config, (counts, indices))
@@ -478,23 +489,15 @@ def _forward(spec, q, k, v, mask, config, tables=None):
     out = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    extra = []
-    add = _additive_4d(mask, q.dtype)
-    if add is not None:
-        add = add.expand(b, h, n, m)
-        extra += [add, *add.stride()]
+    extra = _mask_args(mask, (b, h, n, m))
     if tables is not None:
         counts, indices = tables
         extra += [counts, indices, counts.stride(0), indices.stride(0), indices.stride(1)]
-    grid = (triton_cdiv(n, cfg["BLOCK_M"]), b * h)
+    grid = (_cdiv(n, cfg["BLOCK_M"]), b * h)
     kernel[grid](q, k, v, out, *extra, n, m, h, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                  *out.stride()[:3], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                  num_stages=cfg["num_stages"])
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def decode_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, *, window: int = 0,
@@ -513,18 +516,14 @@ def decode_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     mod = compile_spec(spec)
     q, k, v = _last_dim_contiguous(q, k, v)
     lo = max(0, m - window) // cfg["BLOCK_N"] * cfg["BLOCK_N"] if window else 0
-    sinks_end = min(-(-sinks // cfg["BLOCK_N"]) * cfg["BLOCK_N"], lo) if window else 0
+    sinks_end = min(_cdiv(sinks, cfg["BLOCK_N"]) * cfg["BLOCK_N"], lo) if window else 0
     split = max(cfg["SPLIT"] // cfg["BLOCK_N"], 1) * cfg["BLOCK_N"]
-    n_splits = max(1, triton_cdiv(m - lo, split)) + 1  # + the sink split (empty without sinks)
+    n_splits = max(1, _cdiv(m - lo, split)) + 1  # + the sink split (empty without sinks)
     rows, d_pad = _pow2(spec.groups), _pow2(d)
     po = torch.empty(b * kv_heads * n_splits * rows, d_pad, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * kv_heads * n_splits * rows, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    extra = []
-    add = _additive_4d(mask, q.dtype)
-    if add is not None:
-        add = add.expand(b, h, 1, m)
-        extra += [add, *add.stride()]
+    extra = _mask_args(mask, (b, h, 1, m))
     mod.decode_partial[(n_splits, b * kv_heads)](
         q, k, v, po, pm, pl, *extra, m, kv_heads, lo, split, sinks_end, q.stride(0), q.stride(1),
         *k.stride()[:3], *v.stride()[:3], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
@@ -571,8 +570,7 @@ def compile_for(spec: AttentionSpec, arch: int = 90, config: Optional[dict] = No
 
 def tunable(spec: AttentionSpec, q, k, v, mask, run) -> Tunable:
     """The generated kernel of ``spec`` at these inputs, for ``autotune.tune``; ``run(config)`` launches it."""
-    return Tunable(_key(spec, q.shape[2], k.shape[2], q.device),
-                   _default_decode(k.shape[2]) if spec.decode else _default_forward(spec), _space(spec), run,
+    return Tunable(_key(spec, q.shape[2], k.shape[2], q.device), _default(spec, k.shape[2]), _space(spec), run,
                    q.device)
 
 

@@ -66,13 +66,19 @@ def _attention_backward(ctx, grad):
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+def _one_query_over_all_keys(q, k, causal) -> bool:
+    """Where the split-KV decode kernel computes the op: one query that sees every key (top-left causal with
+    one query and several keys sees only key 0, so it stays on the forward kernel)."""
+    return q.shape[-2] == 1 and (not causal or k.shape[-2] == 1)
+
+
 def attention_triton_op(q, k, v, mask, scale, causal):
     from attnforge.codegen.attention import attention_triton, decode_triton
 
     squeeze = q.dim() == 3
     if squeeze:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if q.shape[-2] == 1 and (not causal or k.shape[-2] == 1):  # one query over all keys: split the keys
+    if _one_query_over_all_keys(q, k, causal):
         out = decode_triton(q, k, v, mask, scale)
     else:
         out = attention_triton(q, k, v, mask, scale, causal)
@@ -167,7 +173,7 @@ def _attention_tunables(args, device, backend):
         return []
     from attnforge.codegen.attention import attention_triton, decode_triton, spec_for, tunable
 
-    if q.shape[-2] == 1 and (not causal or k.shape[-2] == 1):
+    if _one_query_over_all_keys(q, k, causal):
         spec = spec_for(q, k, scale, mask, decode=True)
         return [tunable(spec, q, k, v, mask, lambda c: decode_triton(q, k, v, mask, scale, config=c))]
     spec = spec_for(q, k, scale, mask, mask="causal" if causal else "none")
