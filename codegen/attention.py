@@ -533,39 +533,22 @@ def decode_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     return out
 
 
-_POINTERS = {"Q": None, "K": None, "V": None, "O": None, "MASK": "fp32", "COUNTS": "i32", "INDICES": "i32",
-             "PO": "fp32", "PM": "fp32", "PL": "fp32"}
-
-
 def compile_for(spec: AttentionSpec, arch: int = 90, config: Optional[dict] = None) -> dict:
-    """Compile ``spec``'s kernels for an NVIDIA GPU of compute capability ``arch`` (e.g. 90: H100) without one:
-    TTIR → PTX → cubin through the ptxas that ships with triton. ``{kernel: compiled}`` (``.asm``, ``.metadata``).
-
-    Catches what the interpreter cannot (types across branches, layouts, shared memory); needs a Python where
-    ``TRITON_INTERPRET`` was unset when this module's kernels were generated (they are ``@triton.jit`` then)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile ``spec``'s kernels for an NVIDIA GPU of compute capability ``arch`` (e.g. 90: H100) without one
+    (codegen/gpu.py). ``{kernel name: compiled}`` (``.asm``, ``.metadata``)."""
+    from .gpu import compile_kernel
 
     mod = compile_spec(spec)
-    element = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+    element = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[spec.dtype]
+    pointers = dict(Q=element, K=element, V=element, O=element, MASK="*fp32", COUNTS="*i32", INDICES="*i32",
+                    PO="*fp32", PM="*fp32", PL="*fp32")
+    cfg = {**_default(spec, 4096), **(config or {})}
     if spec.decode:
-        cfg = {**_default_decode(4096), **(config or {})}
         kernels = [(mod.decode_partial, {"BLOCK_N": cfg["BLOCK_N"]}), (mod.decode_reduce, {"SPLITS": 16})]
     else:
-        cfg = {**_default_forward(spec), **(config or {})}
         kernels = [(mod.attention_fwd, {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]})]
-    out = {}
-    for fn, constexprs in kernels:
-        if not hasattr(fn, "arg_names"):
-            raise RuntimeError("compile_for needs TRITON_INTERPRET unset (the kernels were made for the interpreter)")
-        signature = {name: "constexpr" if name in constexprs else
-                     "*" + (_POINTERS[name] or element) if name in _POINTERS else "i32" for name in fn.arg_names}
-        source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        out[fn.__name__] = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": cfg["num_warps"],
-                                                   "num_stages": cfg.get("num_stages", 2)})
-    return out
+    return {fn.__name__: compile_kernel(fn, pointers, constexprs, arch, cfg["num_warps"], cfg.get("num_stages", 2))
+            for fn, constexprs in kernels}
 
 
 def tunable(spec: AttentionSpec, q, k, v, mask, run) -> Tunable:

@@ -29,11 +29,9 @@ SPECS = [  # every mask kind, GQA, padded head dims, softcap, model mask, each d
 
 SCRIPT = """
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from attnforge.codegen import engram, ffn, linear_attention, memoryformer
 from attnforge.codegen.attention import AttentionSpec, compile_for
+from attnforge.codegen.gpu import compile_kernel
 
 out = {}
 for text in sys.argv[1:]:
@@ -42,10 +40,7 @@ for text in sys.argv[1:]:
 
 
 def build(name, fn, pointers, consts, floats=()):
-    sig = {n: "constexpr" if n in consts else pointers.get(n) or ("fp32" if n in floats else "i32")
-           for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    k = compile_kernel(fn, pointers, consts, 90, floats=floats)
     out[name] = [len(k.asm["cubin"]), k.metadata.shared]
 
 
