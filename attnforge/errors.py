@@ -1,4 +1,8 @@
-"""Errors users see."""
+"""The errors users see: every one subclasses ``AttnforgeError`` (the CLI exits with code 2 on any of them).
+
+This module imports nothing from the package, so every layer may raise these (the one exception to the
+layering of DESIGN.md, checked by tests/test_layering.py).
+"""
 from __future__ import annotations
 
 
@@ -16,3 +20,15 @@ class RecipeError(AttnforgeError, ValueError):
 
 class CaptureError(AttnforgeError):
     """The model could not be captured as a graph; the message says why for each method tried."""
+
+
+class SpecError(AttnforgeError):
+    """A model spec that cannot be loaded; the message names the problem."""
+
+
+class ExportError(AttnforgeError, RuntimeError):
+    """The graph could not be exported to ONNX or run in onnxruntime; the message names the op or the cause."""
+
+
+class CacheError(AttnforgeError, OSError):
+    """The autotuning cache could not be read or written (the message names the file and the cause)."""

@@ -1,4 +1,6 @@
-"""``optimize(model, recipe)``: capture -> canonicalise -> match -> rewrite -> verify (DESIGN.md, "The pipeline")."""
+"""``optimize(model, recipe)``: capture -> canonicalise -> one ``run_step`` per recipe step -> verify (DESIGN.md,
+"The pipeline"). Orchestration only: the pass manager (passes/manager.py) owns matching, the per-site transactions
+and rollbacks."""
 from __future__ import annotations
 
 import copy
@@ -9,17 +11,15 @@ import torch
 from torch import nn
 
 from attnforge.passes import REGISTRY, canonicalize
-from attnforge.passes.base import ParamError, SkipSite
-from attnforge.passes.manager import apply_site, dead_code, evaluate, rollback_site
-from attnforge.patterns import refine_causal
+from attnforge.passes.base import ParamError
+from attnforge.passes.manager import run_step
 from attnforge.runtime.dispatch import BACKENDS, check_backend, use_backend  # noqa: F401 (BACKENDS re-exported)
 
 from .capture import capture, flat_inputs
 from .errors import CaptureError, RecipeError
 from .recipe import Recipe, load_recipe
 from .report import MissRecord, Report, SiteRecord
-from .verify import compare_outputs, error_stats, record
-
+from .verify import compare_outputs
 
 
 class OptimizedModel(nn.Module):
@@ -100,59 +100,17 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     for i, step in enumerate(recipe.steps):
         rw, params = REGISTRY[step.rewrite], recipe.params_of(i)
         say(f"step {i + 1}/{len(recipe.steps)}: {rw.name}")
-        t = time.perf_counter()
-        sites, misses = rw.match(gm)
+        try:
+            outcomes, misses = run_step(gm, rw, params, flat, step.why_not, rtol=recipe.verify.rtol, backend=backend,
+                                        dry_run=dry_run, timings=report.timings)
+        except ParamError as e:
+            raise RecipeError(str(e), f"steps[{i}].params.{e.param}") from None
         for m in misses:
-            key = (m.fqn, m.kind, m.reason)
-            if key not in seen_misses:
-                seen_misses.add(key)
+            if (m.fqn, m.kind, m.reason) not in seen_misses:
+                seen_misses.add((m.fqn, m.kind, m.reason))
                 report.misses.append(MissRecord(m.fqn, m.kind, m.reason, m.node))
-        chosen = []
-        for s, picked in zip(sites, step.choose([s.fqn for s in sites])):
-            if picked:
-                chosen.append(s)
-            else:
-                why = "left out by skip_first/skip_last" if step.selects(s.fqn) else "not selected by targets"
-                report.sites.append(SiteRecord(s.fqn, rw.kind, rw.name, "skipped", why, s.pattern))
-        report.timings["match"] = report.timings.get("match", 0.0) + time.perf_counter() - t
-        if dry_run:
-            report.sites += [SiteRecord(s.fqn, rw.kind, rw.name, "planned", pattern=s.pattern, info=rw.info(s, params))
-                             for s in chosen]
-            continue
-
-        t = time.perf_counter()
-        needed = set()
-        for s in chosen:
-            needed.update(rw.needs(s))
-        env = record(gm, flat, needed) if chosen else {}
-        if rw.kind == "attention":
-            chosen = [refine_causal(s, env) for s in chosen]
-        for s in chosen:
-            rec = SiteRecord(s.fqn, rw.kind, rw.name, "applied", pattern=s.pattern, info=rw.info(s, params))
-            try:
-                new = apply_site(gm, rw, s, params, env)
-            except ParamError as e:
-                raise RecipeError(str(e), f"steps[{i}].params.{e.param}") from None
-            except SkipSite as e:  # the rewrite does not fit this site: leave it, say why
-                rec.status, rec.reason = "skipped", str(e)
-                report.sites.append(rec)
-                continue
-            rec.info.update(new[-1].meta.pop("attnforge_info", {}))
-            try:
-                with torch.no_grad(), use_backend(backend):
-                    rec.error = error_stats(evaluate(gm, new, env), env[s.out])
-                failure = None
-            except Exception as e:  # noqa: BLE001 - a failing kernel rolls the site back, with the cause
-                failure = f"replacement failed on the example inputs: {type(e).__name__}: {e}"
-            too_far = rec.error is not None and not rec.error["rel"] <= recipe.verify.rtol
-            if failure or (rw.exact and too_far):
-                rollback_site(gm, s, new)
-                rec.status = "rolled_back"
-                rec.reason = failure or (f"relative error {rec.error['rel']:.2e} > rtol {recipe.verify.rtol:g} "
-                                         "for an exact rewrite")
-            report.sites.append(rec)
-        dead_code(gm)
-        report.timings["rewrite"] = report.timings.get("rewrite", 0.0) + time.perf_counter() - t
+        report.sites += [SiteRecord(o.site.fqn, rw.kind, rw.name, o.status, o.reason, o.site.pattern, o.error, o.info)
+                         for o in outcomes]
     report.nodes_after = len(gm.graph.nodes)
 
     if verify and not dry_run:

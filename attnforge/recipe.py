@@ -10,10 +10,10 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import RecipeError
 
@@ -55,6 +55,11 @@ class Step(_Strict):
         for i in order[:self.skip_first] + (order[len(order) - self.skip_last:] if self.skip_last else []):
             picked[i] = False
         return picked
+
+    def why_not(self, fqns: list[str]) -> list[str | None]:
+        """Per site (FQNs in graph order): None when this step rewrites it, else why it is left out."""
+        return [None if picked else "left out by skip_first/skip_last" if self.selects(f) else
+                "not selected by targets" for f, picked in zip(fqns, self.choose(fqns))]
 
     def selects(self, fqn: str) -> bool:
         if self.targets is None:
@@ -175,15 +180,17 @@ def _validate(data: dict) -> Recipe:
 
 
 def recipe_schema() -> dict:
-    """JSON Schema of recipe files."""
-    schema = Recipe.model_json_schema()
-    schema["properties"]["steps"]["items"] = {
-        "oneOf": [
-            {"type": "object", "additionalProperties": False, "required": ["rewrite"],
-             "properties": {"rewrite": {"const": name},
-                            "targets": {"type": "array", "items": {"type": "string"}},
-                            "params": model.model_json_schema()}}
-            for name, model in rewrite_params().items()
-        ]
-    }
+    """JSON Schema of recipe files, generated from the models that validate them: ``Recipe``, ``Step`` and
+    ``VerifyConfig`` here, and each rewrite's params model (its variant's, runtime/<variant>/), one step schema per
+    rewrite told apart by ``rewrite``."""
+    steps = []
+    for name, params in rewrite_params().items():
+        required = any(f.is_required() for f in params.model_fields.values())
+        default = ... if required else Field(default_factory=lambda params=params: params().model_dump())
+        steps.append(create_model(f"Step_{name}", __base__=Step, rewrite=(Literal[name], ...),
+                                  params=(params, default)))
+    typed_steps = list[Annotated[Union[tuple(steps)], Field(discriminator="rewrite")]]
+    file_model = create_model("RecipeFile", __base__=Recipe, steps=(typed_steps, Field(min_length=1)))
+    schema = file_model.model_json_schema()
+    schema["title"] = "attnforge recipe"
     return schema

@@ -20,13 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AttnforgeError
+from .errors import SpecError
 
 SPEC_FORMS = "demo:NAME, path/to/file.py:fn, package.module:fn, a Hugging Face model folder or a .pt2 archive"
-
-
-class SpecError(AttnforgeError):
-    """A model spec that cannot be loaded; the message names the problem (CLI exit code 2)."""
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

@@ -1,28 +1,23 @@
 """``attnforge autotune``: find the kernels a rewritten model (or one op) runs, tune each, report the winners.
 
 A model is run once under a dispatch mode that records every ``torch.ops.attnforge`` call with its arguments;
-each call maps to the kernels it runs (``codegen.autotune.tunables_for``), calls with the same cache key are
-tuned once, and the winners land in the cache that the ops read at run time.
+each call maps to the kernels it runs (its variant's ``tunables``, runtime/registry.py), calls with the same cache
+key are tuned once, and the winners land in the cache that the ops read at run time. One op is tuned on the
+synthetic arguments its variant makes from a shape and name=value parameters.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnforge.codegen.autotune import Cache, Result, Tunable, tune, tunables_for
+from attnforge.codegen.autotune import Cache, Result, Tunable, tune
+from attnforge.runtime import VARIANTS, op_names, variant
 from attnforge.runtime.dispatch import use_backend
 
 from .errors import AttnforgeError
-
-OPS = {"attention": "attention", "sliding_window": "sliding_window_attention",
-       "sliding_window_attention": "sliding_window_attention", "block_sparse": "block_sparse_attention",
-       "block_sparse_attention": "block_sparse_attention", "linear": "linear_attention",
-       "linear_attention": "linear_attention", "ffn": "ffn"}
-
 
 class _Recorder(TorchDispatchMode):
     def __init__(self):
@@ -42,66 +37,31 @@ def record_calls(module: Callable, args: tuple, kwargs: dict, backend: str) -> l
     return rec.calls
 
 
-def _flag(params: dict, name: str, default):
-    value = params.pop(name, default)
-    if isinstance(default, bool) and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes")
-    return type(default)(value)
-
-
 def synthetic_call(op: str, shape: tuple[int, ...], params: dict, dtype: torch.dtype, device) -> tuple[str, tuple]:
-    """Random inputs for one op: attention-like ops take q's shape B×H×N×D (``kv_heads`` in params), ``ffn``
-    takes ROWS×D_IN (``hidden``, ``out``, ``activation``, ``gated``, ``layout``)."""
-    if op not in OPS:
-        raise AttnforgeError(f"--op {op!r}: expected one of {sorted(OPS)}")
-    name, params = OPS[op], dict(params)
-    make = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    """(op name, random arguments) for one op, named by its op or rewrite name, from a shape and name=value params
+    (each variant's ``synthetic``: attention-like ops take q's shape B×H×N×D, ``ffn`` ROWS×D_IN)."""
     try:
-        if name == "ffn":
-            if len(shape) != 2:
-                raise AttnforgeError(f"--shapes {'x'.join(map(str, shape))}: ffn takes ROWSxD_IN, e.g. 512x384")
-            rows, d = shape
-            hidden, out = _flag(params, "hidden", 4 * d), _flag(params, "out", d)
-            act, gated = _flag(params, "activation", "gelu"), _flag(params, "gated", False)
-            layout = _flag(params, "layout", "out_in")
-            w = (lambda i, o: make(o, i) / math.sqrt(i)) if layout == "out_in" else (lambda i, o: make(i, o) / math.sqrt(i))
-            args = (make(rows, d), w(d, hidden), make(hidden), w(hidden, out), make(out),
-                    w(d, hidden) if gated else None, None, act, layout)
-        else:
-            if len(shape) != 4:
-                raise AttnforgeError(f"--shapes {'x'.join(map(str, shape))}: {name} takes q's shape BxHxNxD, "
-                                     "e.g. 1x8x4096x64")
-            b, h, n, d = shape
-            kv = _flag(params, "kv_heads", h)
-            if kv < 1 or h % kv:
-                raise AttnforgeError(f"--params kv_heads={kv}: must divide the {h} query heads")
-            q, k, v = make(b, h, n, d), make(b, kv, n, d), make(b, kv, n, d)
-            scale, causal = _flag(params, "scale", 1 / math.sqrt(d)), _flag(params, "causal", True)
-            if name == "attention":
-                args = (q, k, v, None, scale, causal, 0.0)
-            elif name == "sliding_window_attention":
-                args = (q, k, v, None, scale, _flag(params, "window", 512), _flag(params, "sinks", 4), causal)
-            elif name == "block_sparse_attention":
-                args = (q, k, v, None, scale, _flag(params, "block", 64), _flag(params, "local", 3),
-                        _flag(params, "global", 1), _flag(params, "random", 0), 0, _flag(params, "topk", 0), causal)
-            else:
-                fmap = _flag(params, "feature_map", "elu")
-                if fmap in ("performer", "hedgehog"):
-                    raise AttnforgeError(f"--params feature_map={fmap}: needs learned weights; tune it with --model")
-                args = (q, k, v, None, scale, fmap, causal, _flag(params, "window", 0), 1e-6, None, None,
-                        torch.zeros(h, dtype=dtype, device=device) if params.get("window") else None)
+        v = variant(op)
+    except KeyError:
+        raise AttnforgeError(f"--op {op!r}: expected one of {', '.join(sorted(op_names(tunable_only=True)))}") from None
+    if v.synthetic is None:
+        raise AttnforgeError(f"--op {op!r}: {v.name} has no synthetic inputs; tune it with --model")
+    params = dict(params)
+    try:
+        args = v.synthetic(shape, params, dtype, device)
     except ValueError as e:
         raise AttnforgeError(f"--params: {e}") from None
     if params:
-        raise AttnforgeError(f"--params: {sorted(params)} are not parameters of {name}")
-    return name, args
+        raise AttnforgeError(f"--params: {sorted(params)} are not parameters of {v.name}")
+    return v.name, args
 
 
 def collect(calls: list[tuple[str, tuple]], device, backend: str) -> list[Tunable]:
     """The distinct kernels (by cache key) that ``calls`` run."""
     seen: dict[str, Tunable] = {}
     for name, args in calls:
-        for t in tunables_for(name, args, device, backend):
+        v = VARIANTS.get(name)
+        for t in (v.tunables_for(args, device, backend) if v is not None else []):
             seen.setdefault(str(t.key), t)
     return list(seen.values())
 

@@ -10,9 +10,11 @@ the KV tiles its mask can reach, keeping the online-softmax running max m, sum l
 The mask kind decides which tiles are visited, so sparse masks cost in proportion to the kept tiles:
 ``none`` all; ``causal`` the tiles at or left of the diagonal; ``window`` the band |i − j| < w (causal: 0 ≤
 i − j < w) plus the sink tiles j < sinks (StreamingLLM); ``block_sparse`` the KV blocks named by per-query-block
-index tables (counts, indices). Tiles wholly inside the mask run without the element-wise predicate (the
-position test only runs on boundary tiles). GQA: head h reads K/V head h // G. Head dims that are not a power of
-two (80, 96) are padded in registers. Rows that see no key output 0.
+index tables (counts, indices), which ``predicate_triton`` builds for any mask predicate. Inside the visited
+tiles the element-wise test is the spec's mask predicate rendered as Triton (codegen/masks.py, the same rule
+the references, the CPU kernels and ONNX render); tiles wholly inside the mask skip it. GQA: head h reads K/V
+head h // G. Head dims that are not a power of two (80, 96) are padded in registers. Rows that see no key
+output 0.
 
 Decode (query length 1, a KV cache: the query sits at position M − 1) splits the keys over programs instead
 (split-KV, as flash-decoding and LeanAttention): every program reduces one slice of keys for the G query heads
@@ -28,14 +30,16 @@ import functools
 import importlib.util
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import masks
 from .autotune import Tunable, bucket, cache_dir, lookup, make_key, source_hash
+from .masks import KEEP_ALL, Expr
 
 MASKS = ("none", "causal", "window", "block_sparse")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -59,6 +63,8 @@ class AttentionSpec:
     has_mask: bool = False    # an additive model mask is an input
     tf32: bool = False        # float32 dots in TF32 (torch.set_float32_matmul_precision("high")), else IEEE
     decode: bool = False      # query length 1 at position M − 1, split over the keys
+    keep: Optional[Expr] = None  # block_sparse: the element-wise rule inside the visited tiles (codegen/masks.py),
+    #                              ``causal`` folded in; None: causal() when causal, else every key
 
     def __post_init__(self):
         if self.mask in ("none", "causal"):  # the mask kind says it all
@@ -78,13 +84,15 @@ class AttentionSpec:
             problems.append("decode kernels take mask none, causal or window")
         if self.softcap < 0 or self.sinks < 0:
             problems.append("softcap and sinks must be >= 0")
+        if self.keep is not None and self.mask != "block_sparse":
+            problems.append("keep (an element-wise rule) goes with mask='block_sparse' (the tiles of index tables)")
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
     def parse(cls, text: str) -> "AttentionSpec":
         """``"mask=window,window=512,sinks=4,head_dim=80,groups=2,dtype=float16"`` (the CLI's form)."""
-        types = {f.name: f.type for f in fields(cls)}
+        types = {f.name: f.type for f in fields(cls) if f.name != "keep"}
         values = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, sep, value = part.partition("=")
@@ -114,7 +122,20 @@ class AttentionSpec:
             parts.append(f"cap{self.softcap:g}")
         if self.has_mask:
             parts.append("masked")
+        if self.keep is not None:
+            parts.append("p" + source_hash(str(self.keep))[:8])
         return ("decode_" if self.decode else "attn_") + "_".join(parts)
+
+    @property
+    def predicate(self) -> Expr:
+        """Which keys a query sees, as a mask predicate (codegen/masks.py): rendered into the element-wise test."""
+        if self.mask == "causal":
+            return masks.causal()
+        if self.mask == "window":
+            return masks.sliding_window(self.window, self.sinks, self.causal)
+        if self.mask == "block_sparse":
+            return self.keep if self.keep is not None else masks.causal() if self.causal else KEEP_ALL
+        return KEEP_ALL
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -144,19 +165,12 @@ def _scores(spec: AttentionSpec, q: str, kt: str) -> list[str]:
 
 
 def _keep(spec: AttentionSpec, row: str) -> str:
-    """The element-wise visibility of key ``offs_n`` from query position ``row`` (DESIGN.md's rules)."""
+    """The element-wise visibility of key ``offs_n`` from query position ``row``: the sequence end, then the
+    spec's mask predicate rendered as Triton (codegen/masks.py)."""
     j = "offs_n[None, :]"
     rule = f"({j} < n_k)"
-    if spec.mask == "causal" and not spec.decode:
-        rule += f" & ({j} <= {row})"
-    if spec.mask == "block_sparse" and spec.causal:
-        rule += f" & ({j} <= {row})"
-    if spec.mask == "window":
-        dist = f"({row} - {j})"
-        near = f"({dist} < {spec.window})" if spec.causal or spec.decode else f"(tl.abs({dist}) < {spec.window})"
-        if spec.sinks:
-            near = f"({near} | ({j} < {spec.sinks}))"
-        rule += f" & {near}" + (f" & ({dist} >= 0)" if spec.causal and not spec.decode else "")
+    if spec.predicate != KEEP_ALL:
+        rule += " & " + masks.triton(spec.predicate, row, j)
     return rule
 
 
@@ -245,7 +259,7 @@ def _forward_src(spec: AttentionSpec, d_pad: int) -> str:
         "    offs_m = m0 + tl.arange(0, BLOCK_M)",
         "    offs_n0 = tl.arange(0, BLOCK_N)",
         f"    offs_d = tl.arange(0, {d_pad})",
-        f"    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],",
+        "    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],",
         f"                mask=(offs_m[:, None] < n_q){d_ok}, other=0.0)",
         "    K += b * skb + kvh * skh",
         "    V += b * svb + kvh * svh",
@@ -349,10 +363,14 @@ def source(spec: AttentionSpec) -> str:
     """The Triton source generated for ``spec``."""
     d_pad = _pow2(spec.head_dim)
     body = _decode_src(spec, d_pad) if spec.decode else _forward_src(spec, d_pad)
-    head = "\n".join(f"# {k} = {v!r}" for k, v in asdict(spec).items())
+    head = "\n".join(f"# {f.name} = {_show(getattr(spec, f.name))}" for f in fields(spec))
     return (f'"""attnforge generated kernel {spec.name} (codegen/attention.py)."""\n{head}\n'
             "import triton\nimport triton.language as tl\n\n\n"
             f"{_tile_fn(spec, d_pad)}\n\n\n{body}\n")
+
+
+def _show(value) -> str:
+    return str(value) if isinstance(value, Expr) else repr(value)
 
 
 @functools.cache
@@ -434,12 +452,11 @@ def _default_decode(n_k: int) -> dict:
 
 
 def _mask_args(mask: Optional[Tensor], shape) -> list:
-    """The kernel arguments of the model mask: the additive mask broadcast (by strides, no copy) to ``shape``
-    [B, H, N, M] and its four strides; a boolean keep-mask becomes 0 / −inf first."""
+    """The kernel arguments of the model mask: the additive mask (masks.additive) broadcast by strides, no copy,
+    to ``shape`` [B, H, N, M], and its four strides."""
     if mask is None:
         return []
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    mask = masks.additive(mask, torch.float32 if mask.dtype == torch.bool else mask.dtype)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     mask = mask.expand(*shape)
@@ -468,14 +485,23 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sc
     return _forward(spec, q, k, v, mask, config)
 
 
-def block_sparse_triton(q, k, v, mask, scale, counts, indices, block, causal, config=None):
-    """Attention over the KV blocks in index tables (counts [.., nqb], indices [.., nqb, W] broadcast to [B, H])."""
-    spec = spec_for(q, k, scale, mask, mask="block_sparse", causal=causal, block=block)
+def block_sparse_triton(q, k, v, mask, scale, counts, indices, block, causal, config=None, keep=None):
+    """Attention over the KV blocks in index tables (counts [.., nqb], indices [.., nqb, W] broadcast to [B, H]);
+    ``keep``: the element-wise rule inside those blocks (a mask predicate; default: causal or every key)."""
+    spec = spec_for(q, k, scale, mask, mask="block_sparse", causal=causal, block=block, keep=keep)
     b, h = q.shape[:2]
     nqb = _cdiv(q.shape[2], block)
     counts = counts.expand(b, h, nqb).reshape(b * h, nqb).to(torch.int32).contiguous()
     indices = indices.expand(b, h, nqb, indices.shape[-1]).reshape(b * h, nqb, -1).to(torch.int32).contiguous()
     return _forward(spec, q, k, v, mask, config, (counts, indices))
+
+
+def predicate_triton(q, k, v, mask, scale, keep: Expr, block: int = 64, config=None):
+    """Attention under any mask predicate ``keep``: the key tiles each query tile visits come from
+    ``masks.tile_tables`` (interval classification of the predicate), the element-wise test from its rendering."""
+    counts, indices, _ = masks.tile_tables(keep, q.shape[2], k.shape[2], block, block, q.device)
+    return block_sparse_triton(q, k, v, mask, scale, counts[None, None], indices[None, None], block, False, config,
+                               keep)
 
 
 def _forward(spec, q, k, v, mask, config, tables=None):
@@ -563,4 +589,4 @@ def flops(n: int, m: int, heads: int, head_dim: int, batch: int = 1) -> float:
 
 
 __all__ = ["AttentionSpec", "source", "compile_spec", "compile_for", "attention_triton", "block_sparse_triton",
-           "decode_triton", "tunable", "flops"]
+           "predicate_triton", "decode_triton", "tunable", "flops"]

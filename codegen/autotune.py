@@ -7,9 +7,9 @@ file lock through a temporary file and ``os.replace``: concurrent tuners never l
 readers never see half a file. A file that does not parse is moved aside with a warning and rebuilt.
 ``lookup`` never raises: a broken cache costs the default config, never the model.
 
-Kernels take part by registering a *tuner* for the op that calls them (``register_tuner``): given the op's
-arguments and a device, it returns the ``Tunable`` kernels that call would run (key, default, search space and
-a closure that runs one config). ``attnforge autotune`` records the ops a model calls and tunes each.
+Kernels take part through the variant registry (runtime/registry.py): each variant's ``tunables(args, device,
+backend)`` returns the ``Tunable`` kernels one call would run (key, default, search space and a closure that
+runs one config). ``attnforge autotune`` records the ops a model calls and tunes each.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from filelock import FileLock
+
+from attnforge.errors import CacheError
 
 ENV = "ATTNFORGE_CACHE_DIR"
 FILENAME = "autotune.json"
@@ -108,8 +110,8 @@ def make_key(kernel: str, source: str, dtype, shape: str, device) -> Key:
                _triton_version())
 
 
-class CorruptCache(ValueError):
-    pass
+class CorruptCache(CacheError):
+    """The cache file does not parse as a cache (it is set aside and rebuilt, never raised to the user)."""
 
 
 class Cache:
@@ -138,7 +140,16 @@ class Cache:
         return self.entries().get(str(key))
 
     def put(self, key: Key | str, entry: dict) -> None:
-        """Add or replace one entry: read, merge and write back under the lock, atomically."""
+        """Add or replace one entry: read, merge and write back under the lock, atomically. ``CacheError`` (naming
+        the file) when the folder cannot be written."""
+        try:
+            self._put(key, entry)
+        except OSError as e:
+            if isinstance(e, CacheError):
+                raise
+            raise CacheError(f"cannot write the autotune cache {self.path}: {type(e).__name__}: {e}") from e
+
+    def _put(self, key, entry) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             entries = dict(self._read_or_set_aside())
@@ -303,22 +314,3 @@ def tune(t: Tunable, cache: Optional[Cache] = None, budget_s: Optional[float] = 
         "complete": complete, "kernel": t.key.kernel, "shape": t.key.shape, "dtype": t.key.dtype,
         "device": t.key.device, "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return Result(t, best, best_ms, default_ms, len(runs), failed, complete, timings)
-
-
-# --------------------------------------------------------------------------- which kernels an op call runs
-
-TUNERS: dict[str, Callable[..., list[Tunable]]] = {}
-
-
-def register_tuner(op_name: str):
-    """Decorator: ``fn(args: tuple, device, backend) -> list[Tunable]`` for calls of ``torch.ops.attnforge.<op>``
-    (``args`` as the op received them; ``backend`` "torch" or "triton")."""
-    def wrap(fn):
-        TUNERS[op_name] = fn
-        return fn
-    return wrap
-
-
-def tunables_for(op_name: str, args: tuple, device, backend: str) -> list[Tunable]:
-    fn = TUNERS.get(op_name)
-    return fn(args, torch.device(device), backend) if fn is not None else []

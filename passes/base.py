@@ -1,18 +1,21 @@
-"""What every rewrite pass provides, and the registry the pass manager reads."""
+"""What every rewrite pass provides, and the registry the pass manager reads.
+
+A pass is one recipe step name. ``match(gm)`` finds (sites, misses); ``needs(site)`` lists the graph values the
+pass and the local check read on the example inputs; ``apply(edit, site, params)`` builds the replacement of
+``site.out`` with the toolkit of ``edit`` (a ``SiteEdit``, passes/edit.py: the site's transaction) and returns
+the node that replaces it; ``describe(site, params)`` is what the report says about the site before it is
+rewritten (``apply`` may add measurements to ``edit.info``). ``exact`` passes are rolled back per site when the
+local check exceeds the tolerance. ``params`` is the pydantic model the recipe validates the step's ``params``
+against before anything runs: the variant's (runtime/<variant>/) when the pass inserts a variant's op.
+"""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
 from torch.fx import GraphModule, Node
 
-
-class Params(BaseModel):
-    """Base of every rewrite's parameter model: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from attnforge.runtime.registry import NoParams, Params  # noqa: F401  (the base of every params model)
 
 
 class ParamError(ValueError):
@@ -25,46 +28,35 @@ class ParamError(ValueError):
 
 
 class SkipSite(Exception):
-    """Raised by ``apply`` (before it changes the graph) when a site cannot take this rewrite; the reason is
-    reported and the site is left as it is."""
+    """Raised by ``apply`` when a site cannot take this rewrite; whatever the pass changed is rolled back, the
+    reason is reported and the site is left as it was."""
 
 
-class NoParams(Params):
-    """Exact rewrites take no parameters."""
+def _no_info(site, params) -> dict:
+    return {}
+
+
+def _out_only(site) -> list[Node]:
+    return [site.out]
 
 
 @dataclass(frozen=True)
 class RewritePass:
-    """One recipe step name.
-
-    ``match(gm)`` finds (sites, misses); ``needs(site)`` lists the graph values the local check reads;
-    ``apply(gm, site, params)`` inserts the replacement before ``site.out`` and returns the new nodes
-    (the last one replaces ``site.out``); ``exact`` passes are rolled back per site when the local
-    check exceeds the tolerance. ``params`` is the pydantic model the recipe validates the step's
-    ``params`` against (before anything runs). A pass with ``uses_values`` is called as
-    ``apply(gm, site, params, values)``, ``values`` holding the example-input values of ``needs(site)``
-    (for calibration); ``apply`` may put measurements for the report in ``new[-1].meta["attnforge_info"]``.
-    """
-
     name: str
-    kind: str  # "attention" | "ffn"
+    kind: str  # "attention" | "ffn" | "projection" | "residual"
     exact: bool
     match: Callable[[GraphModule], tuple[list, list]]
-    needs: Callable[[Any], list[Node]]
-    apply: Callable[[GraphModule, Any, Any], list[Node]]
-    describe: Callable[..., dict] = lambda site: {}
+    apply: Callable[[Any, Any, Params], Node]
+    needs: Callable[[Any], list[Node]] = _out_only
+    describe: Callable[[Any, Params], dict] = _no_info
     params: type[Params] = NoParams
-    uses_values: bool = False
-
-    def info(self, site, params) -> dict:
-        """What the report says about a site: ``describe(site)`` or ``describe(site, params)``."""
-        takes_params = len(inspect.signature(self.describe).parameters) > 1
-        return self.describe(site, params) if takes_params else self.describe(site)
 
 
 REGISTRY: dict[str, RewritePass] = {}
 
 
 def register(p: RewritePass) -> RewritePass:
+    if p.name in REGISTRY:
+        raise ValueError(f"rewrite {p.name!r} is registered twice")
     REGISTRY[p.name] = p
     return p

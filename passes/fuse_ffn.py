@@ -1,12 +1,10 @@
 """``fuse_ffn``: each FFN block -> one ``attnforge::ffn`` call (exact)."""
 from __future__ import annotations
 
-import torch
 from torch.fx import GraphModule
 
 from attnforge.patterns import FFNSite, match_ffn
-from attnforge.patterns.graph import insert_call
-from attnforge.runtime import ACTIVATIONS
+from attnforge.runtime.ffn import ACTIVATIONS, VARIANT
 
 from .base import RewritePass, register
 
@@ -19,22 +17,18 @@ def needs(site: FFNSite) -> list:
     return [site.x, site.out]
 
 
-def apply(gm: GraphModule, site: FFNSite, params) -> list:
-    g = gm.graph
-    before = set(g.nodes)
+def apply(edit, site: FFNSite, params):
     gate = site.gate
-    with g.inserting_before(site.out):
-        out = insert_call(g, torch.ops.attnforge.ffn.default,
-                          (site.x, site.up.weight, site.up.bias, site.down.weight, site.down.bias,
-                           gate.weight if gate else None, gate.bias if gate else None,
-                           site.activation, site.up.layout), fqn=site.fqn)
+    out = edit.call(VARIANT.op, (site.x, site.up.weight, site.up.bias, site.down.weight, site.down.bias,
+                                 gate.weight if gate else None, gate.bias if gate else None, site.activation,
+                                 site.up.layout))
     out.meta["val"] = site.out.meta.get("val", out.meta.get("val"))
-    return [n for n in g.nodes if n not in before]
+    return out
 
 
-def describe(site: FFNSite) -> dict:
+def describe(site: FFNSite, params) -> dict:
     return {"activation": site.activation, "gated": site.gate is not None, "layout": site.up.layout,
             "up": site.up.fqn, "down": site.down.fqn, "gate": site.gate.fqn if site.gate else None}
 
 
-PASS = register(RewritePass("fuse_ffn", "ffn", True, match, needs, apply, describe))
+PASS = register(RewritePass("fuse_ffn", "ffn", True, match, apply, needs, describe))

@@ -27,17 +27,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from attnforge.patterns import AttentionSite, Projection
-from attnforge.patterns.graph import aten, insert_call, shape, val
+from attnforge.patterns.graph import aten, shape
 from attnforge.patterns.projections import trace_projection
 
 from . import fuse_attention
 from .base import ParamError, Params, RewritePass, SkipSite, register
-from .manager import evaluate
 
 
 class GQAParams(Params):
@@ -168,20 +166,6 @@ def _doomed(graph, out: Node) -> set:
     return dead
 
 
-def _fetch(gm: GraphModule, target: str):
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
-def _store(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` at ``target`` as a new Parameter (or buffer), never writing into the old tensor."""
-    owner, _, leaf = target.rpartition(".")
-    mod, old = gm.get_submodule(owner) if owner else gm, _fetch(gm, target)
-    if isinstance(old, nn.Parameter) and not isinstance(tensor, nn.Parameter):
-        tensor = nn.Parameter(tensor, old.requires_grad)
-    setattr(mod, leaf, tensor)
-
-
 def _mixed(w: torch.Tensor, segments: list, d: int) -> tuple[torch.Tensor, list[int]]:
     """``w`` [F, ...] with each segment (offset, heads, m) of its rows replaced by the heads mixed by m, and
     the segments' new offsets."""
@@ -194,38 +178,30 @@ def _mixed(w: torch.Tensor, segments: list, d: int) -> tuple[torch.Tensor, list[
     return torch.cat(parts + [w[pos:]]), offsets
 
 
-def _get_attr(gm: GraphModule, target: str, like: Node) -> Node:
-    node = gm.graph.get_attr(target)
-    t, mode = _fetch(gm, target), torch._guards.detect_fake_mode([val(like)])
-    node.meta["val"] = mode.from_tensor(t, static_shapes=True) if mode else torch.empty_like(t, device="meta")
-    return node
-
-
-def _project(gm: GraphModule, proj: Projection, fqn: str) -> Node:
+def _project(edit, proj: Projection) -> Node:
     """A call of ``proj``'s (new) weights on its input, spelled as the original (nn.Linear or Conv1D)."""
-    g, x = gm.graph, proj.x
-    w = _get_attr(gm, proj.weight.target, x)
-    b = _get_attr(gm, proj.bias.target, x) if proj.bias is not None else None
+    x = proj.x
+    w = edit.get_attr(proj.weight.target, x)
+    b = edit.get_attr(proj.bias.target, x) if proj.bias is not None else None
     if proj.layout == "out_in":
-        return insert_call(g, aten.linear.default, (x, w, b), fqn=fqn)
-    flat = insert_call(g, aten.reshape.default, (x, [-1, shape(x)[-1]]), fqn=fqn)
-    mm = insert_call(g, aten.addmm.default, (b, flat, w), fqn=fqn) if b is not None else \
-        insert_call(g, aten.mm.default, (flat, w), fqn=fqn)
-    sizes = [insert_call(g, aten.sym_size.int, (x, i), fqn=fqn) for i in range(len(shape(x)) - 1)]
-    return insert_call(g, aten.view.default, (mm, sizes + [val(w).shape[1]]), fqn=fqn)
+        return edit.call(aten.linear.default, (x, w, b))
+    flat = edit.call(aten.reshape.default, (x, [-1, shape(x)[-1]]))
+    mm = edit.call(aten.addmm.default, (b, flat, w)) if b is not None else edit.call(aten.mm.default, (flat, w))
+    sizes = [edit.call(aten.sym_size.int, (x, i)) for i in range(len(shape(x)) - 1)]
+    return edit.call(aten.view.default, (mm, sizes + [w.meta["val"].shape[1]]))
 
 
-def _heads(g, p_new: Node, width: int, path: _Path, off: int, perm, heads: int, d: int, fqn: str) -> Node:
+def _heads(edit, p_new: Node, width: int, path: _Path, off: int, perm, heads: int, d: int) -> Node:
     """The path's tensor rebuilt from the new projection output: slice, split into heads, replay the rest."""
     x = p_new
     if off or width != heads * d:
-        x = insert_call(g, aten.slice.Tensor, (x, -1, off, off + heads * d), fqn=fqn)
-    x = insert_call(g, aten.unflatten.int, (x, -1, [heads, d]), fqn=fqn)
-    x = insert_call(g, aten.permute.default, (x, list(perm)), fqn=fqn)
+        x = edit.call(aten.slice.Tensor, (x, -1, off, off + heads * d))
+    x = edit.call(aten.unflatten.int, (x, -1, [heads, d]))
+    x = edit.call(aten.permute.default, (x, list(perm)))
     env = {path.pre: x}
     for n in path.region:
-        env[n] = insert_call(g, n.target, map_arg(n.args, lambda a: env.get(a, a)),
-                             map_arg(n.kwargs, lambda a: env.get(a, a)), fqn=fqn)
+        env[n] = edit.call(n.target, map_arg(n.args, lambda a: env.get(a, a)),
+                           map_arg(n.kwargs, lambda a: env.get(a, a)))
     return env[path.end]
 
 
@@ -258,30 +234,30 @@ def _segments(g, site: AttentionSite, paths: dict, rebuilt: list, values: dict) 
     return by_proj, targets
 
 
-def _rebuild(gm: GraphModule, site: AttentionSite, paths: dict, by_proj: dict, mix: dict) -> dict:
+def _rebuild(edit, site: AttentionSite, paths: dict, by_proj: dict, mix: dict) -> dict:
     """Store the mixed weights in place of the old ones and insert the rebuilt paths; {name: end node}."""
-    g, d, ends = gm.graph, site.head_dim, {}
+    d, ends = site.head_dim, {}
     for out_node, segs in by_proj.items():
         proj = paths[segs[0][2]].proj
         mixes = [(off, heads, mix[name]) for off, heads, name, _ in segs]
-        w = _fetch(gm, proj.weight.target).detach()
+        w = edit.fetch(proj.weight.target).detach()
         w_new, offsets = _mixed(w if proj.layout == "out_in" else w.T, mixes, d)
-        _store(gm, proj.weight.target, (w_new if proj.layout == "out_in" else w_new.T).contiguous())
+        edit.store(proj.weight.target, (w_new if proj.layout == "out_in" else w_new.T).contiguous())
         if proj.bias is not None:
-            _store(gm, proj.bias.target, _mixed(_fetch(gm, proj.bias.target).detach(), mixes, d)[0])
-        with g.inserting_before(site.out):
-            p_new = _project(gm, proj, site.fqn)
-            for (_, _, name, perm), off in zip(segs, offsets):
-                ends[name] = _heads(g, p_new, len(w_new), paths[name], off, perm, mix[name].shape[0], d, site.fqn)
+            edit.store(proj.bias.target, _mixed(edit.fetch(proj.bias.target).detach(), mixes, d)[0])
+        p_new = _project(edit, proj)
+        for (_, _, name, perm), off in zip(segs, offsets):
+            ends[name] = _heads(edit, p_new, len(w_new), paths[name], off, perm, mix[name].shape[0], d)
     return ends
 
 
-def _check(gm: GraphModule, site: AttentionSite, mine: list, ends: dict, mix: dict, values: dict) -> None:
+def _check(edit, site: AttentionSite, ends: dict, mix: dict) -> None:
     """Each rebuilt tensor equals its original heads mixed by ``mix`` on the example inputs, or SkipSite."""
+    mine = edit.new_nodes
     with torch.no_grad():
         for name, end in ends.items():
-            got = evaluate(gm, mine[:mine.index(end) + 1], values).double()
-            orig = values[getattr(site, name)]
+            got = edit.evaluate(mine[:mine.index(end) + 1]).double()
+            orig = edit.values[getattr(site, name)]
             want = torch.einsum("gh,...hnd->...gnd", mix[name], orig.double())
             err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
             if not err <= max(1e-4, 4 * torch.finfo(orig.dtype).eps):
@@ -289,10 +265,9 @@ def _check(gm: GraphModule, site: AttentionSite, mine: list, ends: dict, mix: di
                                "on the example inputs: the path from its projection is not linear per head")
 
 
-def apply(gm: GraphModule, site: AttentionSite, params: GQAParams, values: dict | None) -> list:
-    h, hkv, kv, d, g = site.num_heads, site.num_kv_heads, params.kv_heads, site.head_dim, gm.graph
-    if values is None:
-        raise SkipSite("gqa needs the example-input values of the site")
+def apply(edit, site: AttentionSite, params: GQAParams):
+    h, hkv, kv, d, g = site.num_heads, site.num_kv_heads, params.kv_heads, site.head_dim, edit.graph
+    values = edit.values
     if len(shape(site.q) or ()) < 4:
         raise SkipSite("heads are folded into the batch dim ([B·H, N, D]): the head count is unknown")
     if h % kv:
@@ -314,45 +289,36 @@ def apply(gm: GraphModule, site: AttentionSite, params: GQAParams, values: dict 
         rebuilt.append("q")  # permuted, or re-fused with K and V
     by_proj, targets = _segments(g, site, paths, rebuilt, values)
 
-    old, before = {t: _fetch(gm, t) for t in targets}, set(g.nodes)
-    ends = _rebuild(gm, site, paths, by_proj, mix)
-    mine = [n for n in g.nodes if n not in before]
+    old = {t: edit.fetch(t) for t in targets}
     try:
-        _check(gm, site, mine, ends, mix, values)
-    except Exception as e:  # put everything back: the site stays as it was
-        for n in reversed(mine):
-            g.erase_node(n)
-        for t, tensor in old.items():
-            _store(gm, t, tensor)
-        if isinstance(e, SkipSite):
-            raise
+        ends = _rebuild(edit, site, paths, by_proj, mix)
+        _check(edit, site, ends, mix)
+    except SkipSite:
+        raise  # the transaction puts the graph and the weights back
+    except Exception as e:  # noqa: BLE001
         raise SkipSite(f"rebuilding q/k/v failed on the example inputs: {type(e).__name__}: {e}") from e
 
-    with g.inserting_before(site.out):
-        out = fuse_attention.apply(gm, dataclasses.replace(site, q=ends.get("q", site.q), k=ends["k"], v=ends["v"]),
-                                   None)[-1]
-        if permuted:  # output heads back in the original order
-            name = "gqa_head_order_" + (site.fqn.replace(".", "_") or "root")
-            while hasattr(gm, name):  # a later gqa step on the same site keeps the earlier order
-                name += "_"
-            gm.register_buffer(name, torch.tensor(order).argsort(), persistent=False)
-            out = insert_call(g, aten.index_select.default, (out, -3, _get_attr(gm, name, site.q)), fqn=site.fqn)
-            out.meta["val"] = site.out.meta.get("val")
+    out = fuse_attention.apply(edit, site, None, q=ends.get("q", site.q), k=ends["k"], v=ends["v"])
+    if permuted:  # output heads back in the original order
+        target = edit.add_tensor("", "gqa_head_order_" + (site.fqn.replace(".", "_") or "root"),
+                                 torch.tensor(order).argsort(), persistent=False)
+        out = edit.call(aten.index_select.default, (out, -3, edit.get_attr(target, site.q)))
+        out.meta["val"] = site.out.meta.get("val")
     elt, n_keys, d_in = values[site.k].element_size(), values[site.k].shape[-2], shape(paths["k"].proj.x)[-1]
-    out.meta["attnforge_info"] = {
+    edit.info.update({
         "kv_heads_after": kv, "pooling": params.pooling,
         "groups": [order[i:i + h // kv] for i in range(0, h, h // kv)],
         "head_weights": [round(float(x), 6) for x in weight / weight.sum() * h],
-        "params_removed": sum(old[t].numel() - _fetch(gm, t).numel() for t in targets),
+        "params_removed": sum(old[t].numel() - edit.fetch(t).numel() for t in targets),
         "kv_cache_bytes_per_token": [2 * hkv * d * elt, 2 * kv * d * elt],
         # Q/K/V projections and the attention core (q·kᵀ and p·v over the example's keys), per token
         "flops_per_token": [2 * d_in * (h + 2 * n) * d + 4 * h * n_keys * d for n in (hkv, kv)],
-    }
-    return [n for n in g.nodes if n not in before]
+    })
+    return out
 
 
 def describe(site: AttentionSite, params: GQAParams) -> dict:
     return {**fuse_attention.describe(site), "kv_heads_requested": params.kv_heads, "pooling": params.pooling}
 
 
-PASS = register(RewritePass("gqa", "attention", False, match, needs, apply, describe, GQAParams, uses_values=True))
+PASS = register(RewritePass("gqa", "attention", False, match, apply, needs, describe, GQAParams))

@@ -1,7 +1,7 @@
 """``memoryformer``: dense projections -> MemoryFormer hashed lookup tables (approximate; weights change).
 
 MemoryFormer (Ding et al., NeurIPS 2024) replaces a linear layer y = W z + b by a memory layer
-y = Σ_k w_k(z_k) · T[k·2^τ + idx_k] + b over the K = d/τ chunks of z (``runtime/memoryformer.py``). The
+y = Σ_k w_k(z_k) · T[k·2^τ + idx_k] + b over the K = d/τ chunks of z (``runtime/memoryformer/``). The
 paper trains the tables from scratch; this pass converts a trained layer, a product-quantisation view of
 the matmul: W z = Σ_k W_k z_k, and chunk k is replaced by a representative of its bucket,
 
@@ -23,38 +23,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
-from torch import nn
 from torch.fx import GraphModule
 
-from attnforge.patterns.graph import aten, insert_call
 from attnforge.patterns.dense import LinearSite, match_linears
-from attnforge.runtime import ACTIVATIONS
-from attnforge.runtime.memoryformer import memory_hash, memory_layer_cpu
+from attnforge.runtime.ffn import ACTIVATIONS
+from attnforge.runtime.memoryformer import VARIANT, MemoryFormerParams, memory_hash, memory_layer_cpu
 
-from .base import Params, RewritePass, SkipSite, register
-from .gqa import _fetch, _get_attr
-
-ROLES = ("up", "gate", "down", "q", "k", "v")
-
-
-class MemoryFormerParams(Params):
-    tau: int = Field(default=8, ge=1, le=16, description="bits per chunk: K = d/tau chunks, 2^tau rows per table")
-    projections: list[Literal["up", "gate", "down", "q", "k", "v"]] = Field(
-        default=["up", "gate", "down"], min_length=1,
-        description="which projections to replace: FFN up/gate/down, attention q/k/v (a fused qkv projection "
-                    "needs all three); the step's targets then filter by module FQN")
-    calibrate: bool = Field(default=True, description="refine the tables by least squares on the example inputs")
-    steps: int = Field(default=32, ge=0, description="conjugate-gradient iterations of the refinement")
-    ridge: float = Field(default=1e-2, ge=0, description="λ relative to the mean row weight Σw²: pull towards T_0")
-
-    @field_validator("projections")
-    @classmethod
-    def _unique(cls, v):
-        return list(dict.fromkeys(v))
+from .base import RewritePass, SkipSite, register
 
 
 def match(gm: GraphModule):
@@ -166,35 +143,24 @@ def convert(weight: torch.Tensor, z: torch.Tensor, params: MemoryFormerParams, l
 # --------------------------------------------------------------------------- graph surgery
 
 
-def apply(gm: GraphModule, site: LinearSite, params: MemoryFormerParams, values: dict) -> list:
+def apply(edit, site: LinearSite, params: MemoryFormerParams):
     missing = [r for r in site.roles if r not in params.projections]
     if missing:
         raise SkipSite(f"{'/'.join(site.roles)} projection; projections={params.projections} leave out "
                        f"{', '.join(missing)}")
     proj = site.proj
-    weight = _fetch(gm, proj.weight.target)
+    weight = edit.fetch(proj.weight.target)
     w_oi = weight if proj.layout == "out_in" else weight.T
     d_out, d = w_oi.shape
     if d % params.tau:
         raise SkipSite(f"tau={params.tau} does not divide the input width {d}")
-    table, stats = convert(w_oi, values[site.x], params, site.fqn)
+    table, stats = convert(w_oi, edit.values[site.x], params, site.fqn)
     owner_name, _, _ = proj.weight.target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    name = "memory_table"
-    while hasattr(owner, name):
-        name += "_"
-    owner.register_parameter(name, nn.Parameter(table, requires_grad=weight.requires_grad))
-    g = gm.graph
-    before = set(g.nodes)
-    with g.inserting_before(site.out):
-        t_node = _get_attr(gm, f"{owner_name}.{name}" if owner_name else name, site.x)
-        out = insert_call(g, torch.ops.attnforge.memory_layer.default, (site.x, t_node, proj.bias, params.tau),
-                          fqn=site.fqn)
-    out.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack", {})
-    out.meta["val"] = site.out.meta.get("val", out.meta.get("val"))
-    out.meta["attnforge_info"] = {**stats, **costs(d, d_out, params.tau, table.element_size(),
-                                                   values[site.x].numel() // d)}
-    return [n for n in g.nodes if n not in before]
+    target = edit.add_tensor(owner_name, "memory_table", table, trainable=weight.requires_grad, parameter=True)
+    out = edit.like_site(edit.call(VARIANT.op, (site.x, edit.get_attr(target, site.x), proj.bias, params.tau)))
+    edit.info.update({**stats, **costs(d, d_out, params.tau, table.element_size(),
+                                       edit.values[site.x].numel() // d)})
+    return out
 
 
 def costs(d: int, d_out: int, tau: int, elt: int, tokens: int) -> dict:
@@ -218,5 +184,4 @@ def describe(site: LinearSite, params: MemoryFormerParams) -> dict:
     return {"roles": list(site.roles), "layout": site.proj.layout, "tau": params.tau, "calibrate": params.calibrate}
 
 
-PASS = register(RewritePass("memoryformer", "projection", False, match, needs, apply, describe, MemoryFormerParams,
-                            uses_values=True))
+PASS = register(RewritePass("memoryformer", "projection", False, match, apply, needs, describe, MemoryFormerParams))

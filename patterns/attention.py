@@ -25,7 +25,7 @@ SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 _PASS_THROUGH = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.type_as)
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten)
 # a masked_fill/where value this negative removes the key exactly as an additive mask would
-_MASK_FLOOR = -1.0e4
+MASK_FLOOR = -1.0e4
 
 
 class _NoMatch(Exception):
@@ -72,13 +72,13 @@ def _match_sdpa(node: Node) -> AttentionSite:
 
 def _is_fused(node: Node) -> bool:
     """A call of attnforge::attention (a site fused by an earlier step), which later steps may rewrite."""
-    ns = getattr(torch.ops, "attnforge", None)
-    return node.op == "call_function" and ns is not None and hasattr(ns, "attention") and \
-        node.target is ns.attention.default
+    t = node.target if node.op == "call_function" else None
+    return isinstance(t, torch._ops.OpOverload) and t.namespace == "attnforge" and t._opname == "attention"
 
 
 def _match_fused(node: Node) -> AttentionSite:
-    q, k, v, mask, scale, causal, dropout_p = node.args
+    a = call_args(node)  # by the op's schema names
+    q, k, v, mask, scale, causal, dropout_p = (a[n] for n in ("q", "k", "v", "mask", "scale", "causal", "dropout_p"))
     is_bool = mask is not None and mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool
     return _site(node, q, k, v, node, scale=float(scale), mask=mask, mask_is_bool=is_bool, causal=bool(causal),
                  sdpa_causal=bool(causal), dropout_p=float(dropout_p), pattern="fused", core=(node,),
@@ -159,7 +159,7 @@ def _walk_scores(x: Node):
             raise _NoMatch("scores add two tensors and neither is q·kᵀ")
         if is_op(n, aten.masked_fill):
             value = scalar(n.args[2])
-            if value is None or value > _MASK_FLOOR:
+            if value is None or value > MASK_FLOOR:
                 raise _NoMatch(f"masked_fill value {n.args[2]!r} is not a large negative constant")
             parts.append((n.args[1], coef * value, "fill"))
             return walk(n.args[0], coef)
@@ -168,7 +168,7 @@ def _walk_scores(x: Node):
             value = scalar(b)
             if value is None and is_op(b, aten.full, aten.scalar_tensor) and isinstance(b.args[-1], (int, float)):
                 value = float(b.args[-1])
-            if value is None or value > _MASK_FLOOR or not _reaches_qk(a):
+            if value is None or value > MASK_FLOOR or not _reaches_qk(a):
                 raise _NoMatch("where() on scores is not a keep-mask with a large negative fill")
             parts.append((cond, coef * value, "keep"))
             return walk(a, coef)
@@ -321,7 +321,7 @@ def refine_causal(site: AttentionSite, values: dict) -> AttentionSite:
             continue
         upper = torch.ones(m.shape[-2:], dtype=torch.bool).triu(1)
         if kind == "add":
-            hidden, exact_keep = (m * coef) <= _MASK_FLOOR, m == 0
+            hidden, exact_keep = (m * coef) <= MASK_FLOOR, m == 0
         else:
             hidden = m.bool() if kind == "fill" else ~m.bool()
             exact_keep = ~hidden

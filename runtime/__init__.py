@@ -1,5 +1,10 @@
-"""Custom ops (``torch.ops.attnforge.*``) and their CPU kernels."""
-from . import ops  # noqa: F401  (registers the ops)
-from .activations import ACTIVATIONS  # noqa: F401
-from .onnx import ONNX_TRANSLATIONS, onnx_translation  # noqa: F401  (ONNX translations of the ops)
-from . import engram, memoryformer  # noqa: F401  (lookup-table ops; after .onnx, which they register with)
+"""The variant registry (``registry.py``) and one home per variant: a folder ``<variant>/`` (spec, reference, PyTorch
+kernel, Triton launcher, ONNX translation), or one module ``<variant>.py`` for a variant that small
+(docs/extending.md). Importing this package registers every variant found in it; no list names them."""
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+from .registry import VARIANTS, Cost, Params, Shaped, Variant, of_op, op_names, register, shaped, variant  # noqa: F401
+
+for _m in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):  # the shared modules import harmlessly
+    _importlib.import_module(f"{__name__}.{_m.name}")

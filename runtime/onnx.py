@@ -1,9 +1,10 @@
 """ONNX translations of the ``attnforge`` ops, ONNX export of rewritten graphs and an onnxruntime run.
 
-A variant registers how its op becomes standard ONNX with ``@onnx_translation(torch.ops.attnforge.X.default)``
-on a function ``fn(op, *op_args)``: ``op`` is the onnxscript opset being exported to (``op.version``), the
-tensor arguments are onnxscript values and the others plain Python values, in the op's schema order.
-``export_onnx`` hands the registry to ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``.
+Each variant declares how its op becomes standard ONNX (``Variant.onnx``, runtime/registry.py): a function
+``fn(op, *op_args)`` where ``op`` is the onnxscript opset being exported to (``op.version``), the tensor arguments
+are onnxscript values and the others plain Python values, in the op's schema order. ``export_onnx`` hands the
+registry's translations to ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``. The helpers
+below are what the translations share (the attention composition, positions, masks rendered as ONNX).
 """
 from __future__ import annotations
 
@@ -21,25 +22,21 @@ import torch
 import torch.utils._pytree as pytree
 from torch._ops import OpOverload
 
-ONNX_TRANSLATIONS: dict[OpOverload, Callable] = {}
+from attnforge.codegen import masks
+from attnforge.errors import ExportError
 
+from .registry import VARIANTS
 
-class ExportError(RuntimeError):
-    """The graph could not be exported to ONNX; the message names the op that could not be translated."""
+__all__ = ["ExportError", "export_onnx", "run_onnx", "translations", "translation_table", "untranslated_ops"]
 
 
 class _TranslationFailed(Exception):
     """Raised inside the exporter by a translation, so the op's name survives torch.onnx's own wrapping."""
 
 
-def onnx_translation(op: OpOverload):
-    """Decorator: register ``fn(op, *args)`` as the ONNX translation of the custom op ``op``."""
-
-    def register(fn):
-        ONNX_TRANSLATIONS[op] = fn
-        return fn
-
-    return register
+def translations() -> dict[OpOverload, Callable]:
+    """{op overload: its translation} for every registered variant that has one."""
+    return {v.op: v.onnx for v in VARIANTS.values() if v.onnx is not None}
 
 
 def translation_table(opset: int) -> dict:
@@ -58,112 +55,75 @@ def translation_table(opset: int) -> dict:
 
         return translate
 
-    return {target: bind(target, fn) for target, fn in ONNX_TRANSLATIONS.items()}
+    return {target: bind(target, fn) for target, fn in translations().items()}
 
 
-# --------------------------------------------------------------------------- attnforge::attention
+# --------------------------------------------------------------------------- helpers the translations share
 
 
-def _const(op, value: float, like):
+def const(op, value: float, like):
+    """A float constant in ``like``'s dtype."""
     return op.CastLike(op.Constant(value_float=value), like)
 
 
-def _is_bool(x) -> bool:
+def is_bool(x) -> bool:
     return x.dtype is not None and x.dtype.name == "BOOL"
 
 
-def _ints(op, *values: int):
+def ints(op, *values: int):
     return op.Constant(value_ints=list(values))
 
 
-def _repeat_kv(op, x, groups: int):
+def repeat_kv(op, x, groups: int):
     """[..., Hkv, M, D] -> [..., Hkv·groups, M, D]: query head h reads key/value head h // groups."""
     if groups == 1:
         return x
     expanded = op.Expand(op.Unsqueeze(x, [-3]),
-                         op.Concat(op.Shape(x, end=-2), _ints(op, groups), op.Shape(x, start=-2), axis=0))
-    return op.Reshape(expanded, op.Concat(op.Shape(x, end=-3), _ints(op, -1), op.Shape(x, start=-2), axis=0))
+                         op.Concat(op.Shape(x, end=-2), ints(op, groups), op.Shape(x, start=-2), axis=0))
+    return op.Reshape(expanded, op.Concat(op.Shape(x, end=-3), ints(op, -1), op.Shape(x, start=-2), axis=0))
 
 
-def _attention_composed(op, q, k, v, mask, scale, causal, rank: int, groups: int):
+def attention_composed(op, q, k, v, mask, scale, causal, rank: int, groups: int):
     """softmax(scale · q kᵀ + mask) v from MatMul/Where/Softmax, for q of ``rank`` and any group size."""
-    k, v = _repeat_kv(op, k, groups), _repeat_kv(op, v, groups)
+    k, v = repeat_kv(op, k, groups), repeat_kv(op, v, groups)
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=perm)), _const(op, scale, q))
-    hidden = _const(op, -math.inf, scores)
+    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=perm)), const(op, scale, q))
+    hidden = const(op, -math.inf, scores)
     if mask is not None:
-        scores = op.Where(mask, scores, hidden) if _is_bool(mask) else op.Add(scores, op.CastLike(mask, scores))
+        scores = op.Where(mask, scores, hidden) if is_bool(mask) else op.Add(scores, op.CastLike(mask, scores))
     if causal:  # key j visible from query i iff j <= i (upper-left aligned, as in SDPA)
-        ones = op.Expand(op.Constant(value_float=1.0),
-                         op.Concat(op.Shape(q, start=-2, end=-1), op.Shape(k, start=-2, end=-1), axis=0))
-        scores = op.Where(op.Cast(op.Trilu(ones, upper=0), to=9), scores, hidden)  # 9: BOOL
+        i, j = positions(op, q, k)
+        scores = op.Where(masks.onnx(masks.causal(), op, i, j), scores, hidden)
     return op.MatMul(op.Softmax(scores, axis=-1), v)
 
 
-@onnx_translation(torch.ops.attnforge.attention.default)
-def attention_onnx(op, q, k, v, mask, scale, causal, dropout_p):
-    """opset >= 23: one ``Attention`` node (GQA from the K/V head count); else, or when a mask and
-    ``causal`` come together (Attention takes one of them), the MatMul/Where/Softmax composition."""
-    if dropout_p:
-        raise ValueError(f"dropout_p={dropout_p} has no inference-time ONNX form")
-    rank, groups, queries = len(q.shape), q.shape[-3] // k.shape[-3], q.shape[-2]
-    if rank == 3:  # [B·H, N, D] spellings run as one batch of B·H heads
-        q, k, v = (op.Unsqueeze(t, [0]) for t in (q, k, v))
-    if op.version >= 23 and rank in (3, 4) and not (causal and mask is not None):
-        if mask is not None and not _is_bool(mask):
-            mask = op.CastLike(mask, q)
-        if mask is not None and (mask.shape is None or len(mask.shape) < 2 or mask.shape[-2] != queries):
-            # onnxruntime wants the query dim spelled out: broadcast [.., 1, M] to [.., N, M]
-            mask = op.Expand(mask, op.Concat(op.Shape(q, start=-2, end=-1), op.Shape(mask, start=-1), axis=0))
-        y, *_ = op.Attention(q, k, v, mask, scale=float(scale), is_causal=int(causal))
-    else:
-        y = _attention_composed(op, q, k, v, mask, scale, causal, 4 if rank == 3 else rank, groups)
-    return op.Squeeze(y, [0]) if rank == 3 else y
+def positions(op, q, k):
+    """(i [N, 1], j [1, M]) int64 query and key positions, from the lengths of q and k."""
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    n = op.Squeeze(op.Shape(q, start=-2, end=-1), [0])
+    m = op.Squeeze(op.Shape(k, start=-2, end=-1), [0])
+    return op.Unsqueeze(op.Range(zero, n, one), [1]), op.Unsqueeze(op.Range(zero, m, one), [0])
 
 
-# --------------------------------------------------------------------------- attnforge::ffn
+def masked_attention(op, q, k, v, mask, scale, keep):
+    """The attention composition with a boolean ``keep`` [.., N, M] ANDed into the model's own mask (the ONNX
+    form of every sparse variant: ``keep`` is a mask predicate rendered by ``masks.onnx``, or a constant)."""
+    extra = None
+    if mask is not None:
+        if is_bool(mask):
+            keep = op.And(keep, mask)
+        else:
+            extra = mask
+    additive = op.Where(keep, const(op, 0.0, q), const(op, float("-inf"), q))
+    if extra is not None:
+        additive = op.Add(additive, op.CastLike(extra, q))
+    return attention_composed(op, q, k, v, additive, scale, False, len(q.shape), q.shape[-3] // k.shape[-3])
 
 
-def _gelu(op, x, approximate: str):
-    if op.version >= 20:
-        return op.Gelu(x, approximate=approximate)
-    if approximate == "tanh":
-        inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), math.sqrt(2 / math.pi))
-        return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
-    return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, 1 / math.sqrt(2))), 1.0))
-
-
-ONNX_ACTIVATIONS: dict[str, Callable] = {  # runtime/activations.py's names, in standard ONNX ops
-    "relu": lambda op, x: op.Relu(x),
-    "gelu": lambda op, x: _gelu(op, x, "none"),
-    "gelu_tanh": lambda op, x: _gelu(op, x, "tanh"),
-    "silu": lambda op, x: op.Mul(x, op.Sigmoid(x)),
-    "quick_gelu": lambda op, x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
-    "sigmoid": lambda op, x: op.Sigmoid(x),
-    "tanh": lambda op, x: op.Tanh(x),
-    "relu2": lambda op, x: op.Mul(op.Relu(x), op.Relu(x)),
-    "mish": lambda op, x: op.Mish(x),
-    "leaky_relu": lambda op, x: op.LeakyRelu(x, alpha=0.01),
-    "elu": lambda op, x: op.Elu(x, alpha=1.0),
-    "softplus": lambda op, x: op.Softplus(x),
-    "hardswish": lambda op, x: op.HardSwish(x),
-}
-
-
-@onnx_translation(torch.ops.attnforge.ffn.default)
-def ffn_onnx(op, x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout):
-    """MatMul (+Add) projections around the activation; W is transposed for the nn.Linear layout."""
-    if activation not in ONNX_ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} has no ONNX translation")
-    act = ONNX_ACTIVATIONS[activation]
-
-    def project(h, w, b):
-        y = op.MatMul(h, op.Transpose(w, perm=[1, 0]) if layout == "out_in" else w)
-        return y if b is None else op.Add(y, b)
-
-    up = project(x, w_up, b_up)
-    h = act(op, up) if w_gate is None else op.Mul(act(op, project(x, w_gate, b_gate)), up)
-    return project(h, w_down, b_down)
+def predicate_attention(op, q, k, v, mask, scale, predicate):
+    """``masked_attention`` under a mask predicate (codegen/masks.py) rendered on the query/key positions."""
+    i, j = positions(op, q, k)
+    return masked_attention(op, q, k, v, mask, scale, masks.onnx(predicate, op, i, j))
 
 
 # --------------------------------------------------------------------------- export and run
@@ -173,7 +133,7 @@ def untranslated_ops(gm: torch.fx.GraphModule) -> list[str]:
     """Names of the ``attnforge`` ops in ``gm`` that have no ONNX translation."""
     return sorted({n.target.name() for n in gm.graph.nodes if n.op == "call_function"
                    and isinstance(n.target, OpOverload) and n.target.namespace == "attnforge"
-                   and n.target not in ONNX_TRANSLATIONS})
+                   and n.target not in translations()})
 
 
 def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path, opset: int = 23) -> Path:

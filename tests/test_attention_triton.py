@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from attnforge.runtime import sparse
+from attnforge.runtime.block_sparse import block_tables
 from test_sparse import _keep_from_table, visible_plain
 
 triton = pytest.importorskip("triton")
@@ -67,7 +67,7 @@ def run_kind(kind, q, k, v, mask=None, config=SMALL, **kw):
     n = q.shape[2]
     how, rule = KINDS[kind]
     if how == "table":
-        counts, idx = sparse.block_tables(q.cpu().float(), k.cpu().float(), 16, 1, 1, 1, 5, 0, 0.3, rule)
+        counts, idx = block_tables(q.cpu().float(), k.cpu().float(), 16, 1, 1, 1, 5, 0, 0.3, rule)
         keep = _keep_from_table(counts[0, 0], idx[0, 0], n, 16, rule)
         return gen.block_sparse_triton(q, k, v, mask, 0.3, counts.to(DEV), idx.to(DEV), 16, rule, config=config), keep
     return gen.attention_triton(q, k, v, mask, 0.3, config=config, **how, **kw), rule(n)

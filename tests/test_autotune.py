@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from attnforge.codegen import autotune
-from attnforge.codegen.autotune import Cache, Tunable, lookup, make_key, source_hash, tunables_for, tune
-from attnforge.runtime import linear, sparse
+from attnforge.codegen.autotune import Cache, Tunable, lookup, make_key, source_hash, tune
+from attnforge.runtime import variant
+from attnforge.runtime.linear import cpu as linear_cpu
+from attnforge.runtime.sliding_window import cpu as window_cpu
 from test_sparse import masked_softmax_reference, visible_plain
 
 
@@ -49,11 +51,13 @@ def test_key_changes_when_the_kernel_source_changes():
     # a CPU kernel's key hashes its functions' source: an edited function is a different kernel
     import inspect
 
-    texts = [inspect.getsource(f) for f in (sparse.sliding_window_cpu, sparse._windows, sparse._slab,
-                                             sparse._with_sinks)]
-    assert sparse.window_key(q, 16).source == sparse._window_source() == source_hash(*texts)
-    texts[2] = texts[2].replace("window_visible(i, j, window, 0, causal)", "window_visible(i, j, window, 1, causal)")
-    assert source_hash(*texts) != sparse._window_source()
+    texts = [inspect.getsource(f) for f in (window_cpu.sliding_window_cpu, window_cpu._windows, window_cpu._slab,
+                                             window_cpu._with_sinks)]
+    assert window_cpu.window_key(q, 16).source == window_cpu._source() == source_hash(*texts)
+    edited = texts[2].replace("k0, k1 = max(0, r0 - window + 1)", "k0, k1 = max(0, r0 - window)")
+    assert edited != texts[2]
+    texts[2] = edited
+    assert source_hash(*texts) != window_cpu._source()
 
 
 def test_put_get_round_trip_and_file_layout(cache_dir):
@@ -124,7 +128,7 @@ def test_lookups_never_fail_the_model(tmp_path, monkeypatch):
         assert lookup(key(), {"block": 64}) == {"block": 64}
     # and the op still runs on the default
     q = torch.randn(1, 2, 40, 16)
-    out = sparse.sliding_window_attention(q, q, q, None, 0.3, 8, 2, True)
+    out = torch.ops.attnforge.sliding_window_attention(q, q, q, None, 0.3, 8, 2, True)
     torch.testing.assert_close(out, masked_softmax_reference(q, q, q, visible_plain(40, 8, 2, True), 0.3),
                                rtol=1e-4, atol=1e-5)
 
@@ -188,11 +192,11 @@ def test_cpu_autotune_finds_configs_for_the_window_and_linear_kernels(cache_dir,
     r = tune(tw, reps=2)
     assert r.best in tw.space and r.tried == len(tw.space)
 
-    blocks = []
-    real = sparse.sliding_window_cpu
-    monkeypatch.setattr(sparse, "sliding_window_cpu", lambda *a: blocks.append(a[-1]) or real(*a))
-    out = sparse.sliding_window_attention(*args)
-    assert blocks == [r.best["block"]]
+    used = []
+    real = window_cpu.lookup
+    monkeypatch.setattr(window_cpu, "lookup", lambda *a, **kw: used.append(real(*a, **kw)) or used[-1])
+    out = torch.ops.attnforge.sliding_window_attention(*args)
+    assert used == [r.best]
     want = masked_softmax_reference(q, k, v, visible_plain(512, 64, 4, True), 0.2)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
@@ -200,12 +204,17 @@ def test_cpu_autotune_finds_configs_for_the_window_and_linear_kernels(cache_dir,
     (tl,) = tunables_for("linear_attention", largs, "cpu", "torch")
     r = tune(tl, reps=2)
     assert r.best in tl.space and Cache().get(tl.key)["config"] == r.best
-    chunks = []
-    real_linear = linear.linear_attention_cpu
-    monkeypatch.setattr(linear, "linear_attention_cpu", lambda *a: chunks.append(a[-1]) or real_linear(*a))
-    got = linear.linear_attention(*largs)
-    assert chunks == [r.best["chunk"]]
-    torch.testing.assert_close(got, real_linear(*largs), rtol=1e-4, atol=1e-5)
+    used = []
+    real_lookup = linear_cpu.lookup
+    monkeypatch.setattr(linear_cpu, "lookup", lambda *a, **kw: used.append(real_lookup(*a, **kw)) or used[-1])
+    got = torch.ops.attnforge.linear_attention(*largs)
+    assert used == [r.best]
+    torch.testing.assert_close(got, linear_cpu.linear_attention_cpu(*largs, chunk=64), rtol=1e-4, atol=1e-5)
+
+
+def tunables_for(op, args, device, backend):
+    """The kernels one call of ``op`` runs, from its variant (runtime/registry.py)."""
+    return variant(op).tunables_for(args, device, backend)
 
 
 def test_triton_tunables_run_under_the_interpreter(cache_dir):

@@ -13,7 +13,7 @@ from tests.test_onnx import USER_MODEL
 
 
 def run(*args, timeout=300, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "attnforge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "attnforge.tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 
 
@@ -244,3 +244,40 @@ def test_codegen_arch_compiles_for_a_gpu_without_one():
     assert "attention_fwd: compiled for sm_90" in p.stderr and "bytes of shared memory" in p.stderr
     p = run("codegen", "--dump", "mask=causal", "--arch", "90", env={**env, "TRITON_INTERPRET": "1"})
     assert p.returncode == 2 and "unset TRITON_INTERPRET" in p.stderr
+
+
+def test_every_user_facing_error_is_an_attnforge_error_and_exits_2(tmp_path):
+    """One hierarchy (attnforge/errors.py); the CLI maps each to exit code 2: here an unusable cache folder (a file
+    where the folder should be) and an ONNX export that cannot translate an op."""
+    import attnforge
+    from attnforge.codegen.autotune import CorruptCache
+
+    for cls in (attnforge.RecipeError, attnforge.CaptureError, attnforge.SpecError, attnforge.ExportError,
+                attnforge.CacheError, CorruptCache):
+        assert issubclass(cls, attnforge.AttnforgeError), cls
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    p = run("autotune", "--op", "sliding_window", "--shapes", "1x2x64x16", "--params", "window=8", "--reps", "1",
+            "--cache", str(blocker), env=_env(tmp_path))
+    assert p.returncode == 2 and "cannot write the autotune cache" in p.stderr and str(blocker) in p.stderr, p.stderr
+    dropout = tmp_path / "dropout.py"
+    dropout.write_text(DROPOUT_MODEL)
+    p = run("rewrite", f"{dropout}:build", "--recipe", "fuse-attention", "-o", str(tmp_path / "d.onnx"),
+            env=_env(tmp_path))
+    assert p.returncode == 2 and "could not translate attnforge::attention" in p.stderr, p.stdout + p.stderr
+
+
+DROPOUT_MODEL = '''
+import torch
+
+import attnforge  # noqa: F401  (defines torch.ops.attnforge)
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q):
+        return torch.ops.attnforge.attention(q, q, q, None, 0.5, False, 0.1)  # dropout: no ONNX form
+
+
+def build():
+    return Attn(), (torch.randn(2, 2, 8, 16),)
+'''

@@ -21,7 +21,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "attnforge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "attnforge.tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
 from attnforge.codegen import attention as gen_attention  # noqa: E402
-from attnforge.codegen import ffn as gen_ffn  # noqa: E402
+from attnforge.runtime.ffn import triton as gen_ffn  # noqa: E402
 
 ops = torch.ops.attnforge
 

@@ -72,7 +72,7 @@ def test_hash_ids_equal_plain_python_reference():
 
 def test_triton_kernel_equals_python_reference():
     dev = triton_device()
-    from attnforge.codegen.engram import engram_embed_triton
+    from attnforge.runtime.engram.triton import engram_embed_triton
 
     ids, mult, ngram, heads, primes, pad = _hash_case(1)
     want = torch.tensor(plain_rows(ids.tolist(), mult, ngram, heads, primes, pad))

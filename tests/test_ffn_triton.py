@@ -6,15 +6,15 @@ import os
 import pytest
 import torch
 
-from attnforge.runtime.activations import ACTIVATIONS
-from attnforge.runtime.ops import ffn_cpu
+from attnforge.runtime.ffn import ACTIVATIONS
+from attnforge.runtime.ffn.cpu import ffn_cpu
 from conftest import rel_err
 
 triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attnforge.codegen.ffn import DEFAULT_CONFIG, SEARCH_SPACE, ffn_triton, supports  # noqa: E402
+from attnforge.runtime.ffn.triton import DEFAULT_CONFIG, SEARCH_SPACE, ffn_triton, supports  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS, D_IN, HIDDEN, D_OUT = 37, 48, 80, 40  # none a multiple of the default blocks' output tiles

@@ -29,7 +29,10 @@ SPECS = [  # every mask kind, GQA, padded head dims, softcap, model mask, each d
 
 SCRIPT = """
 import json, sys
-from attnforge.codegen import engram, ffn, linear_attention, memoryformer
+from attnforge.runtime.engram import triton as engram
+from attnforge.runtime.ffn import triton as ffn
+from attnforge.runtime.linear import triton as linear_attention
+from attnforge.runtime.memoryformer import triton as memoryformer
 from attnforge.codegen.attention import AttentionSpec, compile_for
 from attnforge.codegen.gpu import compile_kernel
 

@@ -145,12 +145,11 @@ def test_each_feature_map_equals_the_quadratic_reference(name, causal, heads):
 def test_segments_carry_the_state(monkeypatch):
     """Wide features run in segments of chunks; the result is the same as one pass."""
     q, k, v, keep = inputs(n=100)
-    want = linear_reference(q, k, v, keep, 0.25, "taylor", True)
-    monkeypatch.setattr(linear, "SEGMENT_BYTES", 2 * 4 * 153 * 16)  # ~16 tokens of taylor features per segment
+    monkeypatch.setattr(linear.cpu, "SEGMENT_BYTES", 2 * 4 * 153 * 16)  # ~16 tokens of taylor features per segment
     for causal in (True, False):
         got = linear.linear_attention_cpu(q, k, v, keep, 0.25, "taylor", causal, 0, EPS, None, None, None, 8)
         assert rel_err(got, linear_reference(q, k, v, keep, 0.25, "taylor", causal)) <= 1e-4
-    assert linear._segment_len(2, 4, 153, 100, 8) < 100
+    assert linear.cpu._segment_len(2, 4, 153, 100, 8) < 100
 
 
 @pytest.mark.parametrize("name", MAPS)
@@ -173,7 +172,7 @@ def test_recurrent_decode_equals_the_parallel_form(name):
     q, k, v, _ = inputs(n=20, padded=False)
     wq, wk = map_weights(name, 4, 2, 16)
     want = op(q, k, v, None, 0.25, name, True, 0, EPS, wq, wk, None)
-    state, z = linear.decode_state(2, 4, 16, name, wq)
+    state, z = linear.decode.decode_state(2, 4, 16, name, wq)
     sizes = {(state.shape, z.shape)}
     for t in range(20):
         o, state, z = torch.ops.attnforge.linear_attention_decode(state, z, q[:, :, t], k[:, :, t], v[:, :, t], 0.25,

@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attnforge.codegen.linear_attention import linear_attention_triton, supports  # noqa: E402
+from attnforge.runtime.linear.triton import linear_attention_triton, supports  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -65,7 +65,7 @@ def test_fp16():
 def test_triton_backend_equals_the_cpu_kernel(name, window, monkeypatch):
     """The op on the Triton backend: the kernel (fused or on passed-in features) or, for taylor and the hybrid,
     PyTorch."""
-    import attnforge.codegen.linear_attention as kernel
+    import attnforge.runtime.linear.triton as kernel
     from attnforge.runtime.dispatch import use_backend
 
     launches = []

@@ -91,7 +91,7 @@ def test_hash_is_msb_first_with_chunk_offsets():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_kernel_equals_cpu_kernel(tau, d, tokens, d_out, dtype):
     dev = triton_device()
-    from attnforge.codegen.memoryformer import memory_layer_triton
+    from attnforge.runtime.memoryformer.triton import memory_layer_triton
 
     torch.manual_seed(0)
     x = torch.randn(tokens, d).to(dtype)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnforge.runtime import ACTIVATIONS
-from attnforge.runtime.onnx import ONNX_ACTIVATIONS, ExportError, export_onnx, onnx_translation, run_onnx
+from attnforge.runtime.ffn import ACTIVATIONS, ONNX_ACTIVATIONS
+from attnforge.runtime.onnx import ExportError, export_onnx, run_onnx
 
 TOL = 1e-4
 
@@ -92,33 +92,34 @@ def test_export_failure_names_the_op(tmp_path):
         export_onnx(Dropped(), (torch.randn(1, 2, 4, 8),), {}, tmp_path / "d.onnx")
 
 
-def test_registry_decorator_and_untranslated_op(tmp_path):
-    @torch.library.custom_op("attnforge::_onnx_test_twice", mutates_args=())
-    def twice(x: torch.Tensor) -> torch.Tensor:
-        return x * 2
+def test_translations_come_from_the_registry_and_an_untranslated_op_is_named(tmp_path):
+    from attnforge.runtime.registry import VARIANTS, Variant, register
 
-    twice.register_fake(lambda x: torch.empty_like(x))
+    twice = register(Variant(name="_onnx_test_twice", schema="(Tensor x) -> Tensor", reference=lambda x: x * 2,
+                             cpu=lambda x: x * 2, fake=lambda x: torch.empty_like(x)))
+    try:
+        class Twice(nn.Module):
+            def forward(self, x):
+                return torch.ops.attnforge._onnx_test_twice(x) + 1
 
-    class Twice(nn.Module):
-        def forward(self, x):
-            return torch.ops.attnforge._onnx_test_twice(x) + 1
-
-    x = torch.randn(3, 4)
-    gm = torch.export.export(Twice(), (x,)).module()
-    with pytest.raises(ExportError, match="no ONNX translation for attnforge::_onnx_test_twice"):
-        export_onnx(gm, (x,), {}, tmp_path / "t.onnx")  # a graph: checked before exporting
-    with pytest.raises(ExportError, match=r"could not translate attnforge\._onnx_test_twice\.default"):
-        export_onnx(Twice(), (x,), {}, tmp_path / "t.onnx")  # a module: named from torch.onnx's dispatch error
-    onnx_translation(torch.ops.attnforge._onnx_test_twice.default)(lambda op, x: op.Mul(x, 2.0))
-    diffs, ops = _parity(gm, (x,), tmp_path / "t.onnx", 23)
-    assert max(diffs) == 0 and "Mul" in ops
+        x = torch.randn(3, 4)
+        gm = torch.export.export(Twice(), (x,)).module()
+        with pytest.raises(ExportError, match="no ONNX translation for attnforge::_onnx_test_twice"):
+            export_onnx(gm, (x,), {}, tmp_path / "t.onnx")  # a graph: checked before exporting
+        with pytest.raises(ExportError, match=r"could not translate attnforge\._onnx_test_twice\.default"):
+            export_onnx(Twice(), (x,), {}, tmp_path / "t.onnx")  # a module: named from torch.onnx's dispatch error
+        twice.onnx = lambda op, x: op.Mul(x, 2.0)  # the variant's translation is what export reads
+        diffs, ops = _parity(gm, (x,), tmp_path / "t.onnx", 23)
+        assert max(diffs) == 0 and "Mul" in ops
+    finally:
+        VARIANTS.pop("_onnx_test_twice")
 
 
 # --------------------------------------------------------------------------- the real CLI
 
 
 def cli(*args, cwd=None, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "attnforge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "attnforge.tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 
 

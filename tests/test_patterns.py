@@ -11,7 +11,7 @@ import attnforge
 from attnforge.capture import capture
 from attnforge.passes import canonicalize
 from attnforge.patterns import match_attention, match_ffn
-from attnforge.runtime import ACTIVATIONS
+from attnforge.runtime.ffn import ACTIVATIONS
 from conftest import build_hf
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnforge  # noqa: F401  (registers torch.ops.attnforge)
-from attnforge.runtime.activations import ACTIVATIONS
+from attnforge.runtime.ffn import ACTIVATIONS
 
 attention = torch.ops.attnforge.attention
 ffn = torch.ops.attnforge.ffn

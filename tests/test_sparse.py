@@ -8,7 +8,8 @@ import torch
 
 import attnforge
 from attnforge import RecipeError
-from attnforge.runtime import sparse
+from attnforge.runtime.block_sparse import static_layout, topk_layout
+from attnforge.runtime.sliding_window.cpu import sliding_window_cpu
 from conftest import rel_err
 
 sliding = torch.ops.attnforge.sliding_window_attention
@@ -63,7 +64,7 @@ def test_sliding_window_op_equals_dense_masked_softmax(n, window, sinks, causal,
     got = sliding(q, k, v, mask, 0.25, window, sinks, causal)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for block in (3, 32):  # the block size is a tunable: results must not depend on it
-        torch.testing.assert_close(sparse.sliding_window_cpu(q, k, v, mask, 0.25, window, sinks, causal, block),
+        torch.testing.assert_close(sliding_window_cpu(q, k, v, mask, 0.25, window, sinks, causal, block),
                                    want, rtol=1e-4, atol=1e-5)
 
 
@@ -98,7 +99,7 @@ def test_static_block_sparse_equals_reference_from_its_table(layout, causal, mas
     n, block = 40, 8
     q, k, v = torch.randn(2, 4, n, 16), torch.randn(2, 2, n, 16), torch.randn(2, 2, n, 16)
     mask = padding_mask(2, n, 29) if mask_kind else None
-    counts, idx = sparse.static_layout(n // block, layout["local"], layout["global_"], layout["random"], 7, causal)
+    counts, idx = static_layout(n // block, layout["local"], layout["global_"], layout["random"], 7, causal)
     assert idx.shape[0] == n // block and idx.dim() == 2  # a compact table, not an N×N mask
     keep = _keep_from_table(counts, idx, n, block, causal)
     got = block_sparse(q, k, v, mask, 0.25, block, layout["local"], layout["global_"], layout["random"], 7, 0, causal)
@@ -120,7 +121,7 @@ def test_topk_block_sparse_equals_reference_from_its_table(causal, topk):
     torch.manual_seed(0)
     n, block = 48, 8
     q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
-    counts, idx = sparse.topk_layout(q, k, block, topk, 0.25, causal)
+    counts, idx = topk_layout(q, k, block, topk, 0.25, causal)
     assert idx.shape == (1, 2, n // block, min(topk + 2, n // block))
     got = block_sparse(q, k, v, None, 0.25, block, 0, 0, 0, 0, topk, causal)
     for h in range(2):

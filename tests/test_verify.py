@@ -26,12 +26,12 @@ def test_exact_site_over_tolerance_is_rolled_back():
 
 
 def test_failing_replacement_is_rolled_back(monkeypatch):
-    from attnforge.runtime import ops
+    from attnforge.runtime import VARIANTS
 
     def broken(*a, **k):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(ops, "attention_cpu", broken)
+    monkeypatch.setattr(VARIANTS["attention"], "cpu", broken)
     model, args, kwargs = build_hf("bert", "sdpa")
     opt = attnforge.optimize(model, "fuse-attention", args, kwargs, verify=False)
     assert {s.status for s in opt.report.sites} == {"rolled_back"}

@@ -149,7 +149,8 @@ def cmd_kernels(a) -> list[str]:
     """Sliding-window attention kernels vs dense causal SDPA and FlexAttention, same inputs, one process."""
     import torch.nn.functional as F
 
-    from attnforge.runtime import sparse
+    from attnforge.runtime.sliding_window import pairs as window_pairs
+    from attnforge.runtime.sliding_window.cpu import sliding_window_cpu
 
     heads, dim, window, sinks = 8, 64, a.window, a.sinks
     peak = matmul_peak()
@@ -163,8 +164,8 @@ def cmd_kernels(a) -> list[str]:
         q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
         scale = dim ** -0.5
         fns = {"dense causal SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-               "attnforge sliding_window": lambda: sparse.sliding_window_cpu(q, k, v, None, scale, window, sinks,
-                                                                             True, a.block)}
+               "attnforge sliding_window": lambda: sliding_window_cpu(q, k, v, None, scale, window, sinks, True,
+                                                                      a.block)}
         warm = {}
         if not a.no_flex:
             flex, build = _flex_sliding(n, window, sinks)
@@ -175,7 +176,7 @@ def cmd_kernels(a) -> list[str]:
         for name, fn in fns.items():
             if name not in warm:
                 warm[name] = _time(fn)
-        ref = sparse.sliding_window_cpu(q, k, v, None, scale, window, sinks, True, a.block)
+        ref = sliding_window_cpu(q, k, v, None, scale, window, sinks, True, a.block)
         if "FlexAttention (compiled)" in fns:
             err = float((fns["FlexAttention (compiled)"]() - ref).abs().max())
             lines_err = f"max |flex − attnforge| at N={n}: {err:.1e}"
@@ -186,7 +187,7 @@ def cmd_kernels(a) -> list[str]:
             series.setdefault(name, ([], []))
             series[name][0].append(n)
             series[name][1].append(t)
-        pairs_window = int(sparse_pairs(n, window, sinks))
+        pairs_window = window_pairs(n, window, sinks, True)
         pairs_dense = n * (n + 1) // 2
         for name, t in med.items():
             pairs = pairs_dense if name.startswith("dense") else pairs_window
@@ -201,13 +202,6 @@ def cmd_kernels(a) -> list[str]:
                  "N(N+1)/2 pairs; the windowed rows count only the pairs the window keeps.")
     return lines + plot(a, "kernels", series, "sequence length N", "seconds (median)",
                         f"causal attention, B=1 H={heads} D={dim}, window {window}")
-
-
-def sparse_pairs(n: int, window: int, sinks: int) -> int:
-    i = torch.arange(n)
-    in_window = torch.clamp(i + 1, max=window)
-    sink_extra = torch.clamp(torch.clamp(i - window + 1, min=0), max=sinks)
-    return int((in_window + sink_extra).sum())
 
 
 def e2e_model(layers: int = 4, hidden: int = 512, heads: int = 8, seed: int = 0):
@@ -316,7 +310,8 @@ def cmd_autotune(a) -> list[str]:
     ratio to the default config, all from one run (a private cache folder; the user's cache is not touched)."""
     import tempfile
 
-    from attnforge.codegen.autotune import Cache, tune, tunables_for
+    from attnforge.codegen.autotune import Cache, tune
+    from attnforge.runtime import variant
 
     cache = Cache(tempfile.mkdtemp(prefix="attnforge-bench-cache-"))
     lines = ["| kernel | N | default | tuned | default ms | tuned ms | default / tuned | all configs (ms) |",
@@ -327,7 +322,7 @@ def cmd_autotune(a) -> list[str]:
         calls = [("sliding_window_attention", (q, k, v, None, a.dim ** -0.5, a.window, a.sinks, True)),
                  ("linear_attention", (q, k, v, None, a.dim ** -0.5, "elu", True, 0, 1e-6, None, None, None))]
         for op, args in calls:
-            (t,) = tunables_for(op, args, "cpu", "torch")
+            (t,) = variant(op).tunables_for(args, "cpu", "torch")
             r = tune(t, cache, reps=a.repeat)
             every = ", ".join(f"{next(iter(c.values()))}: {ms:.1f}" for c, ms in r.timings)
             lines.append(f"| {t.key.kernel} | {n} | {t.default} | {r.best} | {r.default_ms:.1f} | {r.best_ms:.1f} | "

@@ -12,8 +12,9 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from attnforge.patterns.graph import fqn_of
+from attnforge.patterns.graph import call_args, fqn_of
 from attnforge.report import _finite
+from attnforge.runtime import of_op, shaped, variant
 
 SCHEMA_VERSION = 1
 aten = torch.ops.aten
@@ -83,7 +84,9 @@ def _region(gm: GraphModule, nodes: list[Node], quantity, uncounted: list) -> di
     boundary = {i for n in nodes for i in n.all_input_nodes if i not in inside and isinstance(_val(i), torch.Tensor)}
     boundary = sorted(boundary, key=order.get)  # graph order: shared inputs line up before and after
     for n in nodes:
-        if _target_name(n).startswith("attnforge.") and n.target not in FLOP_RULES and _target_name(n) not in uncounted:
+        v = of_op(n.target)
+        if _target_name(n).startswith("attnforge.") and (v is None or v.cost is None) and \
+                _target_name(n) not in uncounted:
             uncounted.append(_target_name(n))
     return {"nodes": [_node(n, quantity, True) for n in boundary] + [_node(n, quantity, False) for n in nodes],
             "parameters": _parameters(gm, nodes),
@@ -144,26 +147,30 @@ def _linear(n):
     return 2 * _numel(_val(n)) * _dim(_val(n.args[1]).shape[-1])
 
 
-def _attention(n):  # q kᵀ and p v: 2 · M · (|q| + |out|), whatever the K/V head count
-    q, k = _val(n.args[0]), _val(n.args[1])
-    return 2 * _dim(k.shape[-2]) * (_numel(q) + _numel(_val(n)))
-
-
-def _ffn(n):  # 2 · tokens · (|W_up| + |W_down| + |W_gate|)
-    x = _val(n.args[0])
-    weights = [_numel(_val(w)) for w in (n.args[1], n.args[3], n.args[5]) if w is not None]
-    return 2 * _numel(x) / _dim(x.shape[-1]) * sympy.Add(*weights)
+def _sdpa(n):  # the exact attention variant's cost formula, so the fused op counts the same pairs
+    a = call_args(n)
+    mask = shaped(_val(a["attn_mask"])) if isinstance(a["attn_mask"], Node) else None
+    return variant("attention").cost(*(shaped(_val(a[x])) for x in ("query", "key", "value")), mask, 1.0,
+                                     bool(a["is_causal"]), 0.0).flops
 
 
 FLOP_RULES = {aten.linear.default: _linear, aten.matmul.default: _matmul, aten.mm.default: _matmul,
               aten.bmm.default: _matmul, aten.addmm.default: _matmul, aten.baddbmm.default: _matmul,
-              aten.scaled_dot_product_attention.default: _attention,
-              torch.ops.attnforge.attention.default: _attention, torch.ops.attnforge.ffn.default: _ffn}
+              aten.scaled_dot_product_attention.default: _sdpa}  # aten ops; attnforge ops: their variant's cost
+
+
+def _variant_cost(n: Node, v):
+    """The variant's cost formula (runtime/registry.py) on the node's argument shapes."""
+    args = [shaped(_val(a)) if isinstance(a, Node) else a for a in n.args]
+    return v.cost(*args)
 
 
 def node_flops(n: Node) -> sympy.Expr:
-    rule = FLOP_RULES.get(n.target)
+    v = of_op(n.target)
     try:
+        if v is not None and v.cost is not None:
+            return sympy.sympify(_variant_cost(n, v).flops)
+        rule = FLOP_RULES.get(n.target)
         return rule(n) if rule else sympy.Integer(0)
     except (AttributeError, IndexError, TypeError):  # a node without shapes
         return sympy.Integer(0)

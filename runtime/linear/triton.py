@@ -7,7 +7,7 @@ state S = Σ φ(k_s)ᵀ v_s [F, D] and z = Σ φ(k_s) [F] in registers (flash-li
              then S += φ(K_c)ᵀ V_c and z += Σ φ(K_c)
     bidirectional: a first pass accumulates S and z over all chunks, a second writes φ(Q_c) S / (φ(Q_c) z + eps)
 
-Feature maps (runtime/linear.py has the math): elu(x) + 1, relu(x), cosine [x/‖x‖, 1] (its constant feature
+Feature maps (runtime/linear/features.py has the math): elu(x) + 1, relu(x), cosine [x/‖x‖, 1] (its constant feature
 kept as Σ v and a key count beside S and z), or ``none``: q and k are features computed by the caller (the
 performer and hedgehog maps, ≤ ``MAX_FEATURES`` wide). Hidden keys (padding, or the ``keep`` mask) get
 φ(k) = 0. Head and feature dims are padded to powers of two, at least 16, with zero features.

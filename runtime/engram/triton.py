@@ -40,8 +40,8 @@ def _engram_embed_fwd(IDS, TABLE, OUT, MULT, ORDER, PRIMES, OFFSETS, n_ctx, pad_
 
 
 def engram_embed_triton(ids, table, multipliers, ngram, heads, primes, pad_id, block_t: int = 64):
-    """[B, N] ids -> [B, N, len(ngram)·heads·dim] rows of ``table`` (see ``runtime/engram.py`` for the hash)."""
-    from attnforge.runtime.engram import _offsets
+    """[B, N] ids -> [B, N, len(ngram)·heads·dim] rows of ``table`` (see ``runtime/engram/hashing.py`` for the hash)."""
+    from .hashing import offsets as _offsets
 
     ids2 = ids.reshape(-1, ids.shape[-1])
     bsz, n_ctx = ids2.shape

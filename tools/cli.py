@@ -1,4 +1,7 @@
-"""``attnforge`` command line: ``rewrite``, ``diff`` and ``recipes`` (docs/cli.md). Bad input exits with code 2."""
+"""``attnforge`` command line (docs/cli.md): ``rewrite``, ``diff``, ``recipes``, ``autotune``, ``codegen``, ``bench``.
+
+Every ``AttnforgeError`` (attnforge/errors.py: a bad recipe, spec, shape or option, an export that failed, an
+unusable cache) exits with code 2 and a message naming the problem."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import AttnforgeError
-from .report import _finite
-from .specs import SPEC_FORMS, load_spec, parse_shape
+from attnforge.errors import AttnforgeError, ExportError
+from attnforge.report import _finite
+from attnforge.specs import SPEC_FORMS, load_spec, parse_shape
 
 
 class _Stages:
@@ -42,7 +45,7 @@ class _Stages:
 
 
 def _recipe(a):
-    from .recipe import load_recipe
+    from attnforge.recipe import load_recipe
 
     recipe = load_recipe(a.recipe)  # validated before anything runs
     if a.atol is not None:
@@ -52,7 +55,7 @@ def _recipe(a):
 
 def _optimize(a, stage, recipe, **options):
     """Load the spec and run ``optimize`` under the progress display; ``(opt, args, kwargs)``."""
-    from .optimize import optimize
+    from attnforge.optimize import optimize
 
     stage(f"load {a.spec}")
     model, args, kwargs = load_spec(a.spec, parse_shape(a.input_shape), a.task)
@@ -77,9 +80,8 @@ def cmd_rewrite(a) -> int:
     import torch
     from rich.console import Console
 
-    from attnforge.runtime.onnx import ExportError, export_onnx, run_onnx
-
-    from .verify import compare_outputs
+    from attnforge.runtime.onnx import export_onnx, run_onnx
+    from attnforge.verify import compare_outputs
 
     recipe = _recipe(a)
     if a.opset < 18:
@@ -122,9 +124,9 @@ def cmd_rewrite(a) -> int:
     elif a.report:
         why = "a dry run changes nothing" if a.dry_run else "the model was not captured"
         out.print(f"no HTML report written: {why}", markup=False)
-    if export_error:
+    if export_error:  # an AttnforgeError like any other (exit 2), reported after the rewrite's own report
         print(f"attnforge: error: {export_error}", file=sys.stderr)
-        return 1
+        return 2
     return 0 if report.passed and all(o["passed"] for o in onnx_rows or []) else 1
 
 
@@ -153,7 +155,7 @@ def cmd_diff(a) -> int:
 
 
 def cmd_recipes(a) -> int:
-    from .recipe import BUILTIN, recipe_schema
+    from attnforge.recipe import BUILTIN, recipe_schema
 
     if a.schema:
         print(json.dumps(recipe_schema(), indent=2))
@@ -186,7 +188,7 @@ def cmd_autotune(a) -> int:
     from attnforge.codegen.autotune import Cache
     from attnforge.runtime.dispatch import check_backend
 
-    from .tune import collect, record_calls, synthetic_call, tune_all
+    from attnforge.tune import collect, record_calls, synthetic_call, tune_all
 
     out = Console(width=160)
     cache = Cache(a.cache)
@@ -210,7 +212,7 @@ def cmd_autotune(a) -> int:
         raise AttnforgeError(f"--dtype {a.dtype!r}: expected float32, float16 or bfloat16")
     with _Stages() as stage:
         if a.model:
-            from .recipe import load_recipe
+            from attnforge.recipe import load_recipe
 
             # rewritten (and verified) on CPU with the PyTorch kernels; the kernels are then recorded on the device
             model, opt, args, kwargs = _optimize(a, stage, load_recipe(a.recipe), backend="torch")
@@ -221,8 +223,6 @@ def cmd_autotune(a) -> int:
             move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
             calls = record_calls(module, tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}, backend)
         else:
-            from .specs import parse_shape
-
             stage(f"inputs of {a.op}")
             calls = [synthetic_call(a.op, parse_shape(s), _params(a.params), dtype, device) for s in a.shapes or []]
             if not calls:
@@ -301,6 +301,13 @@ def cmd_codegen(a) -> int:
     return 0
 
 
+def _tunable_ops() -> list[str]:
+    """The ops ``autotune --op`` takes (the registry's variants that make synthetic inputs), by rewrite name."""
+    from attnforge.runtime import VARIANTS
+
+    return sorted(v.rewrite or v.name for v in VARIANTS.values() if v.synthetic is not None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="Rewrite the attention of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -336,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="exact", help="recipe for --model (default: exact)")
     t.add_argument("--input-shape", help="example input size for --model, e.g. 1,4096")
     t.add_argument("--task", help="Hugging Face head for a model folder")
-    t.add_argument("--op", help="tune one op instead: attention, sliding_window, block_sparse, linear, ffn")
+    t.add_argument("--op", help="tune one op instead: " + ", ".join(_tunable_ops()) + " (an op or rewrite name)")
     t.add_argument("--shapes", nargs="+", help="--op input shapes: BxHxNxD (attention ops) or ROWSxD_IN (ffn)")
     t.add_argument("--params", help="--op parameters, e.g. window=512,sinks=4,kv_heads=2,causal=1")
     t.add_argument("--dtype", default="float32", help="--op/--model dtype (default float32)")

@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime.activations import ACTIVATIONS
-from .autotune import Tunable, bucket, lookup, make_key, source_hash
+from attnforge.codegen.autotune import Tunable, bucket, lookup, make_key, source_hash
+
+from .activations import ACTIVATIONS
 
 DEFAULT_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
 
@@ -170,7 +171,7 @@ def _matmul(x, w, b, w_gate, b_gate, activation, layout, cfg):
 
 
 def ffn_triton(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, layout, config=None):
-    """``attnforge::ffn`` (the semantics of ``runtime.ops.ffn_cpu``) as two kernel launches.
+    """``attnforge::ffn`` (the semantics of ``runtime/ffn/reference.py``) as two kernel launches.
 
     x [..., D_in] -> [..., D_out]; ``config`` overrides keys of ``DEFAULT_CONFIG``.
     """
