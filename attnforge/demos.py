@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 DEMOS = {
-    "tiny-llama": "LlamaModel, 2 layers, hidden 64, 4 heads / 2 KV heads (GQA), RoPE, SwiGLU",
+    "tiny-llama": "LlamaModel, 2 layers, hidden 64, 4 heads / 2 KV heads (GQA), RoPE, SwiGLU, padding mask",
     "tiny-bert": "BertModel, 2 layers, hidden 64, 4 heads, GELU FFN, padding mask",
     "tiny-vit": "ViTModel, 2 layers, hidden 64, 4 heads, 32x32 images in 8x8 patches",
 }
@@ -23,20 +23,26 @@ def build_demo(name: str, seed: int = 0, input_shape: tuple[int, ...] | None = N
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              use_cache=False, attn_implementation="sdpa")
         model = tf.LlamaModel(cfg).eval()
-        return model, (torch.randint(0, 256, (batch, length)),), {}
+        return model, (torch.randint(0, 256, (batch, length)),), {"attention_mask": _padded(batch, length)}
     if name == "tiny-bert":
         cfg = tf.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=512, attn_implementation="eager")
         model = tf.BertModel(cfg).eval()
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[-1, length * 5 // 8:] = 0  # the last sequence is padded
-        return model, (torch.randint(0, 256, (batch, length)),), {"attention_mask": mask}
+        return model, (torch.randint(0, 256, (batch, length)),), {"attention_mask": _padded(batch, length)}
     if name == "tiny-vit":
         cfg = tf.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8, attn_implementation="sdpa")
         model = tf.ViTModel(cfg).eval()
         return model, (torch.randn(2, 3, 32, 32),), {}
     raise KeyError(f"unknown demo {name!r}; demos: {', '.join(DEMOS)}")
+
+
+def _padded(batch: int, length: int) -> torch.Tensor:
+    """An attention mask whose last sequence is padded (when there are several)."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        mask[-1, max(1, length * 5 // 8):] = 0
+    return mask
 
 
 def _tokens_shape(name: str, input_shape) -> tuple[int, int]:

@@ -1,47 +1,39 @@
 """``optimize(model, recipe)``: capture -> canonicalise -> one ``run_step`` per recipe step -> verify (DESIGN.md,
 "The pipeline"). Orchestration only: the pass manager (passes/manager.py) owns matching, the per-site transactions
-and rollbacks."""
+and rollbacks; ``OptimizedModel`` (attnforge/model.py) runs the result and builds a program for each new call form
+with ``build_program``, the same pipeline on the same recipe."""
 from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from attnforge.passes import REGISTRY, canonicalize
 from attnforge.passes.base import ParamError
 from attnforge.passes.manager import run_step
 from attnforge.runtime.dispatch import BACKENDS, check_backend, use_backend  # noqa: F401 (BACKENDS re-exported)
 
-from .capture import capture, flat_inputs
+from .capture import CallForm, Captured, bound_module, capture
 from .errors import CaptureError, RecipeError
 from .recipe import Recipe, load_recipe
 from .report import MissRecord, Report, SiteRecord
 from .verify import compare_outputs
 
 
-class OptimizedModel(nn.Module):
-    """The rewritten model. Call it like the original; ``.report``, ``.graph_module``, ``.recipe``, ``.backend``
-    (the kernels its ops run on: runtime/dispatch.py)."""
+@dataclass
+class Program:
+    """One captured and rewritten graph: the call form it serves, the graph, and what building it found."""
 
-    def __init__(self, module: nn.Module, report: Report, recipe: Recipe, graph_module=None, backend: str = "auto"):
-        super().__init__()
-        self.module = module
-        self.report = report
-        self.recipe = recipe
-        self.backend = backend
-        self._graph_module = graph_module
-
-    @property
-    def graph_module(self):
-        """The rewritten ``fx.GraphModule`` (None when capture failed and the original runs unchanged)."""
-        return self._graph_module
-
-    def forward(self, *args, **kwargs):
-        with use_backend(self.backend):
-            return self.module(*args, **kwargs)
+    form: CallForm
+    gm: GraphModule
+    report: Report
+    example: list = field(default_factory=list)  # the graph inputs it was captured on
 
 
 def _as_args(example_inputs) -> tuple:
@@ -58,51 +50,80 @@ def _as_args(example_inputs) -> tuple:
 
 def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example_kwargs: dict | None = None, *,
              verify: bool = True, strict: bool = False, backend: str = "auto", dynamic: bool = True,
-             progress: Callable[[str], None] | None = None, dry_run: bool = False) -> OptimizedModel:
+             progress: Callable[[str], None] | None = None, dry_run: bool = False):
     """Rewrite ``model``'s attention and FFN subgraphs as ``recipe`` says; never mutates ``model``.
 
     ``recipe``: builtin name (``"exact"``), YAML/JSON path, dict or ``Recipe`` (validated first:
-    ``RecipeError``). ``example_inputs``/``example_kwargs``: what the model is captured and verified
-    on. ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of returning
-    a passthrough whose report says why. ``backend``: "auto" (Triton kernels on CUDA tensors, PyTorch kernels
-    otherwise), "torch" or "triton" (also on CPU tensors under ``TRITON_INTERPRET=1``); the per-site checks and
-    the final verification run on it too. ``dynamic``: keep batch/sequence dims symbolic. ``dry_run``:
-    match and select only; the report lists the sites each step would rewrite (status ``planned``, all
-    matched on the unrewritten graph) and the model is not changed or verified.
+    ``RecipeError``). ``example_inputs``/``example_kwargs``: a call of the model (positional, keyword, with the
+    optional inputs and flags it takes); the model is captured and verified on it, and other calls are served
+    too (attnforge/model.py). ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of
+    returning a passthrough whose report says why (with a warning). ``backend``: "auto" (Triton kernels on CUDA
+    tensors, PyTorch kernels otherwise), "torch" or "triton" (also on CPU tensors under ``TRITON_INTERPRET=1``);
+    the per-site checks and the final verification run on it too. ``dynamic``: keep batch/sequence dims
+    symbolic. ``dry_run``: match and select only; the report lists the sites each step would rewrite (status
+    ``planned``, all matched on the unrewritten graph) and the model is not changed or verified.
+
+    A ``SentenceTransformer`` comes back as a SentenceTransformer whose transformer runs the rewritten graph
+    (``.encode()`` as before), with the report at ``.report``.
     """
+    from .model import OptimizedModel
+    from .sentence import is_sentence_transformer, optimize_sentence_transformer
+
     recipe = load_recipe(recipe)
     check_backend(backend)
+    if is_sentence_transformer(model):
+        return optimize_sentence_transformer(model, recipe, example_inputs, example_kwargs, verify=verify,
+                                             strict=strict, backend=backend, dynamic=dynamic, progress=progress,
+                                             dry_run=dry_run)
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    say = progress or (lambda msg: None)
-    report = Report(model=type(model).__name__, recipe=recipe.name, backend=backend)
-
-    t = time.perf_counter()
-    say("capture")
+    source = copy.deepcopy(model)
+    options = {"verify": verify, "dynamic": dynamic, "dry_run": dry_run}
     try:
-        captured = capture(model, args, kwargs, dynamic=dynamic)
+        program = build_program(source, recipe, args, kwargs, backend=backend, progress=progress, **options)
     except CaptureError as e:
         if strict:
             raise
-        report.capture_error = str(e)
-        return OptimizedModel(copy.deepcopy(model), report, recipe, backend=backend)
+        report = Report(model=type(model).__name__, recipe=recipe.name, backend=backend, capture_error=str(e))
+        warnings.warn(f"attnforge: {type(model).__name__} was not rewritten, it runs unchanged: {e}", RuntimeWarning,
+                      stacklevel=2)
+        return OptimizedModel(source, recipe, backend, options, None, report)
+    if not program.report.dynamic and dynamic:
+        warnings.warn(f"attnforge: {type(model).__name__} was captured with static shapes: other batch sizes and "
+                      f"lengths are captured again when they come ({program.report.notes[-1]})", RuntimeWarning,
+                      stacklevel=2)
+    return OptimizedModel(source, recipe, backend, options, program, program.report)
+
+
+def build_program(source: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, *, backend: str = "auto",
+                  verify: bool = True, dynamic: bool = True, dry_run: bool = False,
+                  progress: Optional[Callable[[str], None]] = None, training: Optional[bool] = None) -> Program:
+    """Capture ``source`` (attnforge's own copy: its tensors become the graph's) on one call, rewrite it as
+    ``recipe`` says and verify it on that call. ``CaptureError`` when it cannot be captured or replayed."""
+    say = progress or (lambda msg: None)
+    report = Report(model=type(source).__name__, recipe=recipe.name, backend=backend)
+    t = time.perf_counter()
+    say("capture")
+    captured = capture(source, args, kwargs, dynamic=dynamic, copy_model=False, training=training)
     report.timings["capture"] = time.perf_counter() - t
     report.capture_method, report.dynamic = captured.method, captured.dynamic
     report.notes += captured.notes
+    report.call_form, report.shapes = captured.form.describe(), captured.shapes
     gm = captured.gm
 
     t = time.perf_counter()
     canonicalize(gm)
     report.timings["canonicalize"] = time.perf_counter() - t
     report.nodes_before = len(gm.graph.nodes)
-    flat = flat_inputs(gm, args, kwargs)
 
     seen_misses = set()
     for i, step in enumerate(recipe.steps):
         rw, params = REGISTRY[step.rewrite], recipe.params_of(i)
         say(f"step {i + 1}/{len(recipe.steps)}: {rw.name}")
         try:
-            outcomes, misses = run_step(gm, rw, params, flat, step.why_not, rtol=recipe.verify.rtol, backend=backend,
-                                        dry_run=dry_run, timings=report.timings)
+            outcomes, misses = run_step(gm, rw, params, captured.inputs, step.why_not, rtol=recipe.verify.rtol,
+                                        backend=backend, dry_run=dry_run, timings=report.timings)
         except ParamError as e:
             raise RecipeError(str(e), f"steps[{i}].params.{e.param}") from None
         for m in misses:
@@ -116,10 +137,33 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     if verify and not dry_run:
         say("verify")
         t = time.perf_counter()
-        with torch.no_grad():
-            ref = captured.model(*args, **kwargs)
-            with use_backend(backend):
-                got = gm(*args, **kwargs)
-        report.outputs = compare_outputs(ref, got, recipe.verify.atol)
+        report.outputs = verify_program(captured, gm, recipe, backend)
         report.timings["verify"] = time.perf_counter() - t
-    return OptimizedModel(gm, report, recipe, graph_module=gm, backend=backend)
+    return Program(captured.form, gm, report, list(captured.inputs))
+
+
+def approximate(recipe: Recipe) -> bool:
+    """Whether any step of the recipe is an approximate rewrite (judged by the quality budget, not by atol)."""
+    return any(not REGISTRY[s.rewrite].exact for s in recipe.steps)
+
+
+def verify_program(captured: Captured, gm: GraphModule, recipe: Recipe, backend: str) -> list[dict]:
+    """The rewritten graph against the model on the example (and on the widened example it was captured on, when
+    it was): per output, error stats and whether the recipe's tolerance or quality budget holds."""
+    call = bound_module(captured.model, captured.form)
+    examples = [captured.example] + ([captured.inputs] if captured.widened else [])
+    rows = []
+    try:
+        with torch.no_grad():
+            for n, example in enumerate(examples):
+                ref = call(*example)
+                with use_backend(backend):
+                    got = gm(*example)
+                for row in compare_outputs(ref, got, recipe.verify, approximate(recipe)):
+                    if n:
+                        row["name"] += " (capture example)"
+                    rows.append(row)
+    except Exception as e:  # noqa: BLE001 - the report says why; the model is not rewritten
+        raise CaptureError(f"the rewritten graph failed on the example inputs: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    return rows

@@ -75,7 +75,11 @@ class Step(_Strict):
 
 class VerifyConfig(_Strict):
     rtol: float = Field(default=1e-5, gt=0, description="relative max error allowed for exact rewrites, per site")
-    atol: float = Field(default=1e-4, ge=0, description="absolute error reported as pass/fail for model outputs")
+    atol: float = Field(default=1e-4, ge=0, description="absolute error allowed on the model outputs (exact recipes)")
+    min_cosine: float | None = Field(default=0.9, ge=-1, le=1, description="quality budget of recipes with an "
+                                     "approximate step: least cosine similarity of each output to the original's")
+    max_rel_error: float | None = Field(default=None, gt=0, description="quality budget of recipes with an "
+                                        "approximate step: largest max|Δ| / max|original| of each output")
 
 
 class Recipe(_Strict):
@@ -102,6 +106,7 @@ BUILTIN: dict[str, dict] = {
         "steps": [{"rewrite": "fuse_attention"}, {"rewrite": "fuse_ffn"},
                   {"rewrite": "sliding_window", "params": {"window": 512, "sinks": 4}, "skip_first": 1,
                    "skip_last": 1}],
+        "verify": {"min_cosine": 0.95},
     },
     "fuse-attention": {
         "name": "fuse-attention",

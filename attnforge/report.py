@@ -42,6 +42,9 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0
+    call_form: str = ""  # the call the graph serves: its tensor inputs and baked flags
+    shapes: dict = field(default_factory=dict)  # input -> dims as captured ("B", "N": symbolic; ints: static)
+    recaptures: list[dict] = field(default_factory=list)  # later programs: other call forms, dtypes, training
 
     # ------------------------------------------------------------------ queries
     def counts(self) -> dict[str, int]:
@@ -84,6 +87,11 @@ class Report:
             console.print(f"captured with {self.capture_method} ({'dynamic' if self.dynamic else 'static'} shapes, "
                           f"backend {self.backend}); "
                           f"graph nodes {self.nodes_before} -> {self.nodes_after}; applied {self.counts() or 'nothing'}")
+            if self.shapes:
+                dims = "; ".join(f"{k} [{', '.join(map(str, v))}]" for k, v in self.shapes.items())
+                symbols = sorted({d for v in self.shapes.values() for d in v if isinstance(d, str)})
+                console.print(f"inputs {dims}" + (f"; any {', '.join(symbols)} >= 1" if symbols else ""),
+                              markup=False)
         for note in self.notes:
             console.print(f"note: {note}")
         if self.sites:
@@ -103,12 +111,15 @@ class Report:
             console.print(t)
         if self.outputs:
             t = Table(title="outputs vs original")
-            for col in ("", "output", "max abs", "rel", "cosine"):
+            for col in ("", "output", "max abs", "rel", "cosine", "allowed"):
                 t.add_column(col)
             for o in self.outputs:
                 t.add_row("[✓]" if o["passed"] else "\\[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
-                          f"{o['cosine']:.6f}")
+                          f"{o['cosine']:.6f}", o.get("budget", ""))
             console.print(t)
+        for r in self.recaptures:
+            console.print(f"captured again for {r['why']}: applied {r['counts'] or 'nothing'}"
+                          + ("" if r.get("passed", True) else " [outputs over the budget]"), markup=False)
         if self.timings:
             console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -157,7 +158,13 @@ def _load_hf(path: Path, input_shape, task):
     if name == "input_ids":
         shape = input_shape or (1, 16)
         torch.manual_seed(0)
-        return model, (), {name: torch.randint(0, cfg.vocab_size, shape)}
+        kwargs = {name: torch.randint(0, cfg.vocab_size, shape)}
+        if "attention_mask" in inspect.signature(type(model).forward).parameters and len(shape) == 2:
+            mask = torch.ones(shape, dtype=torch.long)  # an optional input the ONNX graph keeps
+            if shape[0] > 1:
+                mask[-1, max(1, shape[1] * 5 // 8):] = 0
+            kwargs["attention_mask"] = mask
+        return model, (), kwargs
     if input_shape is None and name == "pixel_values" and hasattr(cfg, "image_size"):
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         input_shape = (1, getattr(cfg, "num_channels", 3), size, size)

@@ -2,7 +2,8 @@
 
 * ``operator.*``, ``torch.*``/``F.*`` functions, tensor methods and leaf modules (symbolic_trace
   graphs) become aten overloads;
-* ``x / c`` for a constant c becomes ``x * (1/c)``; ``c * x`` becomes ``x * c``;
+* ``x / c`` for a constant c becomes ``x * (1/c)``; ``c * x`` becomes ``x * c``; a constant written as a 0-dim
+  tensor (``torch.full([], c)``) counts as one;
 * ``bmm`` becomes ``matmul``; ``baddbmm(M, a, b, beta, alpha)`` becomes ``alpha·matmul(a, b) + beta·M``;
 * export's ``_assert_tensor_metadata`` checks are dropped (they would pin the values they read);
 * ``permute`` that only swaps the last two dims becomes ``transpose``; transpose dims are
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from attnforge.patterns.graph import aten, is_op, scalar, shape
+from attnforge.patterns.graph import aten, is_op, scalar, shape, val
 
 from .manager import dead_code
 
@@ -106,6 +107,8 @@ def _to_aten(gm: GraphModule, node: Node) -> Node | None:
     except TypeError:
         return None
     if key in _BINARY and len(a) == 2 and not kw:
+        if not any(isinstance(val(v), torch.Tensor) for v in a):
+            return None  # arithmetic on sizes (SymInts) and numbers stays Python arithmetic
         x, y = a
         if not isinstance(x, Node) and isinstance(y, Node) and _BINARY[key] in (aten.add.Tensor, aten.mul.Tensor):
             x, y = y, x
@@ -151,8 +154,22 @@ def _to_aten(gm: GraphModule, node: Node) -> Node | None:
     return None
 
 
+def _constant(n) -> float | None:
+    """The value of a 0-dim tensor made from a constant (``torch.full([], c)``, ``torch.scalar_tensor(c)``)."""
+    if is_op(n, aten.full) and list(n.args[0]) == [] and scalar(n.args[1]) is not None:
+        return scalar(n.args[1])
+    if is_op(n, aten.scalar_tensor) and scalar(n.args[0]) is not None:
+        return scalar(n.args[0])
+    return None
+
+
 def _normalise(g, node: Node) -> Node | None:
     """Canonical spelling of an aten call, or None if it already is canonical."""
+    if is_op(node, aten.div, aten.mul) and len(node.args) == 2 and isinstance(node.args[0], Node) \
+            and _constant(node.args[1]) not in (None, 0.0) and not node.kwargs.get("rounding_mode") \
+            and isinstance(val(node.args[0]), torch.Tensor) and val(node.args[0]).is_floating_point():
+        c = _constant(node.args[1])  # x / full([], c): a scale written as a 0-dim tensor (GPT-2's attention)
+        return _call(g, aten.mul.Tensor, (node.args[0], 1.0 / c if is_op(node, aten.div) else c))
     if is_op(node, aten.div) and len(node.args) == 2 and scalar(node.args[1]) not in (None, 0.0) \
             and not node.kwargs.get("rounding_mode"):
         return _call(g, aten.mul.Tensor, (node.args[0], 1.0 / scalar(node.args[1])))

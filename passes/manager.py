@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.fx import GraphModule
 
+from attnforge.errors import CaptureError
 from attnforge.patterns import refine_causal
 from attnforge.runtime.dispatch import use_backend
 
@@ -71,8 +72,17 @@ def run_step(gm: GraphModule, rewrite: RewritePass, params, flat_inputs: list,
     if dry_run:
         return outcomes, misses
     t = time.perf_counter()
+    if rewrite.kind == "attention":  # training graphs: attention dropout stays with the model's own ops
+        for s in [s for s in chosen if s.dropout_p > 0]:
+            chosen.remove(s)
+            outcomes.append(Outcome(s, "skipped", f"attention dropout p={s.dropout_p:g} (a training graph): the "
+                                                  "model's own ops keep it; the fused ops have no dropout backward"))
     needed = {n for s in chosen for n in rewrite.needs(s)}
-    env = record(gm, flat_inputs, needed) if chosen else {}
+    try:
+        env = record(gm, flat_inputs, needed) if chosen else {}
+    except Exception as e:  # noqa: BLE001 - a graph that cannot be replayed is not rewritten, and says why
+        raise CaptureError(f"the captured graph could not be replayed on the example inputs to check the rewrites: "
+                           f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     if rewrite.kind == "attention":
         chosen = [refine_causal(s, env) for s in chosen]
     for s in chosen:

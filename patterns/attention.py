@@ -32,6 +32,10 @@ class _NoMatch(Exception):
     pass
 
 
+class _NotAttention(_NoMatch):
+    """A softmax that is plainly something else (a mixture-of-experts router): not reported as a near miss."""
+
+
 def match_attention(graph: Graph) -> tuple[list[AttentionSite], list[Miss]]:
     sites: list[AttentionSite] = []
     misses: list[Miss] = []
@@ -43,6 +47,8 @@ def match_attention(graph: Graph) -> tuple[list[AttentionSite], list[Miss]]:
                 sites.append(_match_fused(node))
             elif is_op(node, *SOFTMAX):
                 sites.append(_match_eager(node))
+        except _NotAttention:
+            continue
         except _NoMatch as e:
             misses.append(Miss(fqn_of(node), "attention", str(e), node.name))
     return sites, misses
@@ -109,6 +115,8 @@ def _match_eager(softmax: Node) -> AttentionSite:
         elif is_op(u, aten.matmul) and u.args[0] is cur:
             pv = u
             break
+        elif is_op(u, aten.topk):
+            raise _NotAttention("softmax feeds topk: a router, not attention")
         else:
             raise _NoMatch(f"softmax output flows into {getattr(u.target, '__name__', u.target)}, not a matmul with v")
         core.append(u)

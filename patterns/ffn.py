@@ -27,7 +27,7 @@ _PROBE = torch.linspace(-8.0, 8.0, 8001, dtype=torch.float32)
 
 
 def match_ffn(graph: Graph, activations: dict[str, Callable]) -> tuple[list[FFNSite], list[Miss]]:
-    sites, misses = [], []
+    sites, misses = [], _expert_misses(graph)
     for node in graph.nodes:
         down = projection_at(node)
         if down is None:
@@ -38,6 +38,33 @@ def match_ffn(graph: Graph, activations: dict[str, Callable]) -> tuple[list[FFNS
         elif isinstance(res, Miss):
             misses.append(res)
     return sites, misses
+
+
+_LAYOUT = (aten.transpose, aten.permute, aten.view, aten.reshape, aten.t, aten.to, aten._to_copy, aten.contiguous)
+
+
+def _expert_misses(graph: Graph) -> list[Miss]:
+    """Mixture-of-experts blocks: a stack of expert weights [E, ...] (a 3-D parameter) multiplied by the routed
+    tokens. No fused op takes per-token expert routing, so each block is reported once, with what reads it."""
+    misses, seen = [], set()
+    for n in graph.nodes:
+        v = n.meta.get("val") if n.op == "get_attr" else None
+        if not isinstance(v, torch.Tensor) or v.dim() != 3 or not v.is_floating_point():
+            continue
+        user = next(iter(n.users), None)
+        while is_op(user, *_LAYOUT) and len(user.users) == 1:
+            user = next(iter(user.users))
+        name = getattr(getattr(user, "target", None), "__name__", str(getattr(user, "target", "")))
+        if user is None or not any(k in name for k in ("mm", "matmul", "einsum")):
+            continue
+        owner = n.target.rpartition(".")[0]
+        if owner not in seen:
+            seen.add(owner)
+            misses.append(Miss(owner, "ffn", f"mixture-of-experts block: the expert weights {n.target} "
+                                             f"{list(v.shape)} go into {name} (a grouped matmul over the routed "
+                                             "tokens); no fused op takes expert routing, so the experts run as "
+                                             "they are", n.name))
+    return misses
 
 
 def _skip_dropout(n):

@@ -136,22 +136,61 @@ def untranslated_ops(gm: torch.fx.GraphModule) -> list[str]:
                    and n.target not in translations()})
 
 
-def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path, opset: int = 23) -> Path:
-    """Export ``gm`` with its ``attnforge`` ops translated; raise ``ExportError`` naming the op that failed."""
+def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path, opset: int = 23, *,
+                dynamic: bool = True, output_names: list[str] | None = None, notes: list | None = None) -> Path:
+    """Export ``gm`` with its ``attnforge`` ops translated; raise ``ExportError`` naming the op that failed.
+
+    A graph captured by attnforge (``gm.meta["attnforge_form"]``) takes the call ``args``/``kwargs`` of the
+    model: its tensor inputs become the ONNX inputs, named as the model's parameters (``input_ids``,
+    ``attention_mask``), with the dims the capture kept symbolic (batch, sequence) dynamic unless ``dynamic`` is
+    False; a graph that cannot export with them (a static block-sparse layout needs its length) is exported with
+    static shapes, and ``notes`` gets why. ``output_names`` names the outputs in order (e.g. ``logits``)."""
     missing = untranslated_ops(gm) if isinstance(gm, torch.fx.GraphModule) else []
     if missing:
         raise ExportError(f"ONNX export failed: no ONNX translation for {', '.join(missing)}")
     if opset < 18:
         raise ExportError(f"ONNX export failed: opset {opset} is below 18, the lowest torch.onnx (dynamo) writes")
-    try:
+    form = gm.meta.get("attnforge_form") if isinstance(gm, torch.fx.GraphModule) else None
+    names, shapes = None, None
+    if form is not None:
+        args, kwargs, names = tuple(form.inputs(tuple(args), dict(kwargs))), {}, list(form.tensors)
+        if dynamic:
+            shapes = _dynamic_dims(gm, names)
+    def export(dynamic_shapes):
+        # optimize=False: onnxscript's rotary fusion writes RotaryEmbedding nodes that onnxruntime rejects once the
+        # batch is dynamic (cos/sin caches of batch 1)
         with _quiet():
-            program = torch.onnx.export(gm, tuple(args), kwargs=dict(kwargs), dynamo=True, opset_version=opset,
-                                        custom_translation_table=translation_table(opset), verbose=False)
+            return torch.onnx.export(gm, tuple(args), kwargs=dict(kwargs), dynamo=True, opset_version=opset,
+                                     custom_translation_table=translation_table(opset), verbose=False,
+                                     input_names=names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                     optimize=False)
+
+    try:
+        try:
+            program = export(shapes)
+        except Exception as e:  # noqa: BLE001
+            if shapes is None:
+                raise
+            program = export(None)
+            if notes is not None:
+                notes.append(f"exported with the example's static shapes: with dynamic ones, {_export_failure(e)}")
     except Exception as e:  # noqa: BLE001 - the cause names the op
         raise ExportError("ONNX export failed: " + _export_failure(e)) from e
     path = Path(path)
     program.save(str(path))
     return path
+
+
+def _dynamic_dims(gm: torch.fx.GraphModule, names: list[str]) -> dict:
+    """{input: {dim: Dim.AUTO}} for the dims that are symbolic in the captured graph."""
+    holders = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    out = {}
+    for name in names:
+        v = holders.get(name)
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(v, "shape", ()))
+                if isinstance(d, torch.SymInt) and not d.node.expr.is_number}
+        out[name] = dims or None
+    return out
 
 
 @contextlib.contextmanager
@@ -186,14 +225,18 @@ def _export_failure(e: BaseException) -> str:
 
 
 def run_onnx(path: str | Path, args: tuple, kwargs: dict, like):
-    """Run the ONNX file in onnxruntime (CPU) on ``args``/``kwargs``; outputs in the pytree structure of ``like``."""
+    """Run the ONNX file in onnxruntime (CPU) on ``args``/``kwargs`` (keyword tensors fed to the inputs of their
+    name, the positional ones to the rest in order); outputs in the pytree structure of ``like``."""
     import onnxruntime as ort
 
-    flat = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs))) if x is not None]
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {i.name: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
-                for i, x in zip(session.get_inputs(), flat)}
+        names = [i.name for i in session.get_inputs()]
+        feed = {k: v for k, v in kwargs.items() if k in names and isinstance(v, torch.Tensor)}
+        rest = [x for x in pytree.tree_leaves((tuple(args), {k: v for k, v in kwargs.items() if k not in feed}))
+                if isinstance(x, torch.Tensor)]
+        feed.update(zip([n for n in names if n not in feed], rest))
+        feed = {k: v.detach().cpu().numpy() for k, v in feed.items()}
         outs = iter(torch.from_numpy(o) for o in session.run(None, feed))
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors, first line kept
         raise ExportError(f"onnxruntime could not run {path}: {str(e).strip().splitlines()[0][:500]}") from None

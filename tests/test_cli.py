@@ -204,7 +204,7 @@ def test_autotune_a_model_on_the_triton_backend_in_the_interpreter(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "interpreter" in p.stdout
     kernels = {e["kernel"] for e in json.loads((tmp_path / "autotune.json").read_text())["entries"].values()}
-    assert kernels == {"attn_causal_g2_d16_float32", "ffn_glu_silu"}
+    assert kernels == {"attn_none_g2_d16_float32_masked", "ffn_glu_silu"}  # the demo has a padding mask
 
 
 def test_autotune_with_nothing_to_tune(tmp_path):
@@ -281,3 +281,15 @@ class Attn(torch.nn.Module):
 def build():
     return Attn(), (torch.randn(2, 2, 8, 16),)
 '''
+
+
+def test_a_capture_failure_is_crossed_out_on_the_capture_line(tmp_path):
+    spec = tmp_path / "dd.py"
+    spec.write_text("import torch\n\n\nclass M(torch.nn.Module):\n    def forward(self, x):\n"
+                    "        return x * 2 if x.sum() > 0 else -x\n\n\n"
+                    "def build():\n    return M(), (torch.randn(2, 3),)\n")
+    p = run("rewrite", "dd.py:build", cwd=tmp_path)
+    assert "✗ capture: failed, the model runs unchanged" in p.stderr, p.stderr
+    assert "capture failed, the model runs unchanged" in p.stdout
+    p = run("rewrite", "dd.py:build", "--strict", cwd=tmp_path)
+    assert p.returncode == 2 and "could not capture" in p.stderr

@@ -202,7 +202,7 @@ def test_freeze_except_engram_trains_only_the_memory():
     model, ids = _toy_lm(), _phrases()
     opt = attnforge.optimize(model, recipe(layers=[0, 1]), (ids[:2],))
     names = attnforge.freeze_except_engram(opt)
-    assert sorted(names) == sorted(f"module.model.layers.{i}.engram.{p}" for i in (0, 1)
+    assert sorted(names) == sorted(f"model.layers.{i}.engram.{p}" for i in (0, 1)
                                    for p in ("table", "key", "value", "key_norm", "hidden_norm"))
     frozen = {n: p.detach().clone() for n, p in opt.named_parameters() if "engram" not in n}
     losses = _train(opt, ids, steps=5)

@@ -204,4 +204,61 @@ def test_cli_onnx_parity_user_spec_file(user_model, opset, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads(rep.read_text())["counts"] == {"fuse_attention": 1, "fuse_ffn": 1}
     rows = _onnx_rows(rep)
-    assert [r["name"] for r in rows] == ["output"] and rows[0]["max_abs"] <= TOL, rows
+    assert rows[0]["name"] == "output" and all(r["max_abs"] <= TOL for r in rows), rows
+    assert len(rows) == 2 and rows[1]["name"].startswith("output (at ")  # and at another batch and length
+
+
+def _default_config_llama_folder(path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = tf.LlamaForCausalLM(cfg).eval()  # default config: use_cache=True
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("which", ["demo:tiny-llama", "hf-folder", "minilm"])
+def test_dynamic_onnx_at_other_shapes_with_the_mask_and_named_outputs(which, tmp_path, minilm_path):
+    """The exported file takes other batch sizes and lengths, keeps attention_mask as an input and names its
+    outputs from the model's output structure; onnxruntime there equals the original model."""
+    import onnxruntime as ort
+    import transformers as tf
+
+    from attnforge.demos import build_demo
+
+    if which == "demo:tiny-llama":
+        spec, task, model = which, [], build_demo("tiny-llama")[0]
+        names, vocab = ["last_hidden_state"], 256
+    elif which == "hf-folder":
+        spec, task = str(tmp_path / "llama"), ["--task", "causal-lm"]
+        model, names, vocab = _default_config_llama_folder(spec), ["logits"], 100
+    else:
+        spec, task = minilm_path, []
+        model = tf.AutoModel.from_pretrained(minilm_path).eval()
+        names, vocab = ["last_hidden_state", "pooler_output"], 1000
+    out = tmp_path / "m.onnx"
+    p = cli("rewrite", spec, *task, "-o", str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    assert inputs[:2] == ["input_ids", "attention_mask"], inputs
+    assert [o.name for o in session.get_outputs()] == names
+    for shape in [(3, 37), (1, 70)]:
+        torch.manual_seed(1)
+        ids = torch.randint(0, vocab, shape)
+        mask = torch.ones(shape, dtype=torch.long)
+        mask[-1, shape[1] // 2:] = 0
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        if "token_type_ids" in inputs:
+            feed["token_type_ids"] = torch.zeros(shape, dtype=torch.long).numpy()
+        got = session.run(None, feed)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask)
+        for name, g in zip(names, got):
+            w = want[name]
+            assert g.shape == tuple(w.shape), (name, shape)
+            keep = mask.bool() if name != "pooler_output" and g.ndim == 3 else torch.ones(g.shape[:1], dtype=torch.bool)
+            err = float((torch.from_numpy(g) - w).abs()[keep].max())  # padded positions are don't-care
+            assert err <= 1e-4, (name, shape, err)

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from attnforge.errors import AttnforgeError, ExportError
@@ -16,15 +17,22 @@ from attnforge.specs import SPEC_FORMS, load_spec, parse_shape
 
 
 class _Stages:
-    """Rich progress on stderr: one line per pipeline stage, ticked off with its time when the next one starts."""
+    """Rich progress on stderr: one line per pipeline stage, ticked off with its time when the next one starts
+    (✓), or crossed (✗) when it failed."""
 
     def __init__(self):
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
 
-        self.progress = Progress(SpinnerColumn(finished_text="✓"), TextColumn("{task.description}"),
-                                 TimeElapsedColumn(), console=Console(stderr=True))
+        class Mark(SpinnerColumn):
+            def render(self, task):
+                return Text("✗", style="red") if task.fields.get("failed") else super().render(task)
+
+        self.progress = Progress(Mark(finished_text="✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=Console(stderr=True))
         self.task = None
+        self.tasks: dict[str, object] = {}
 
     def __enter__(self):
         self.progress.start()
@@ -33,6 +41,13 @@ class _Stages:
     def __call__(self, stage: str) -> None:
         self._finish()
         self.task = self.progress.add_task(stage, total=1)
+        self.tasks[stage] = self.task
+
+    def fail(self, stage: str, why: str = "") -> None:
+        """Cross out ``stage`` (the last one of that name), with why."""
+        task = self.tasks.get(stage)
+        if task is not None:
+            self.progress.update(task, failed=True, description=f"{stage}: {why}" if why else stage)
 
     def _finish(self):
         if self.task is not None:
@@ -59,7 +74,11 @@ def _optimize(a, stage, recipe, **options):
 
     stage(f"load {a.spec}")
     model, args, kwargs = load_spec(a.spec, parse_shape(a.input_shape), a.task)
-    opt = optimize(model, recipe, args, kwargs, strict=a.strict, progress=stage, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the ✗ on the capture line and the report say it
+        opt = optimize(model, recipe, args, kwargs, strict=a.strict, progress=stage, **options)
+    if opt.report.capture_error:
+        stage.fail("capture", "failed, the model runs unchanged (the report says why)")
     opt.report.model = a.spec
     return model, opt, args, kwargs
 
@@ -81,23 +100,33 @@ def cmd_rewrite(a) -> int:
     from rich.console import Console
 
     from attnforge.runtime.onnx import export_onnx, run_onnx
-    from attnforge.verify import compare_outputs
+    from attnforge.verify import compare_outputs, named_leaves
 
     recipe = _recipe(a)
     if a.opset < 18:
         raise AttnforgeError(f"--opset {a.opset}: the torch.onnx (dynamo) exporter writes opset 18 or newer")
-    onnx_rows, export_error = None, ""
+    onnx_rows, export_error, export_notes = None, "", []
     with _Stages() as stage:
         model, opt, args, kwargs = _optimize(a, stage, recipe, dry_run=a.dry_run)
         if a.output and not a.dry_run:
             stage(f"export ONNX, opset {a.opset}")
             target = opt.graph_module if opt.graph_module is not None else opt.module
             try:
-                export_onnx(target, args, kwargs, a.output, a.opset)
-                stage("run the ONNX file in onnxruntime")
                 with torch.no_grad():
-                    ref = target(*args, **kwargs)
+                    ref = opt(*args, **kwargs)
+                names = [n for n, _ in named_leaves(ref)]
+                export_onnx(target, args, kwargs, a.output, a.opset, dynamic=not a.static, output_names=names,
+                            notes=export_notes)
+                stage("run the ONNX file in onnxruntime")
                 onnx_rows = compare_outputs(ref, run_onnx(a.output, args, kwargs, ref), recipe.verify.atol)
+                other = _another_shape(opt, args, kwargs) if not a.static and not export_notes else None
+                if other is not None:
+                    with torch.no_grad():
+                        ref2 = opt(*other[0], **other[1])
+                    for row in compare_outputs(ref2, run_onnx(a.output, other[0], other[1], ref2),
+                                               recipe.verify.atol):
+                        row["name"] += f" (at {other[2]})"
+                        onnx_rows.append(row)
             except ExportError as e:
                 export_error = str(e)
         diff = _diff(a, stage, model, opt, args, kwargs) if a.report and not a.dry_run and opt.graph_module else None
@@ -107,9 +136,11 @@ def cmd_rewrite(a) -> int:
     if a.dry_run:
         out.print(f"dry run: {sum(s.status == 'planned' for s in report.sites)} planned rewrites; nothing was changed"
                   + (", no ONNX written" if a.output else ""))
+    for note in export_notes:
+        out.print(f"note: ONNX {note}", markup=False)
     if onnx_rows is not None:
-        out.print(f"ONNX {a.output} (opset {a.opset}) in onnxruntime vs the rewritten model, "
-                  f"atol {recipe.verify.atol:g}:", markup=False)
+        out.print(f"ONNX {a.output} (opset {a.opset}{', static shapes' if a.static or export_notes else ''}) in "
+                  f"onnxruntime vs the rewritten model, atol {recipe.verify.atol:g}:", markup=False)
         for o in onnx_rows:
             out.print(f"{'[✓]' if o['passed'] else '[x]'} {o['name']}: max diff {o['max_abs']:.2e}", markup=False)
     if a.json:
@@ -128,6 +159,30 @@ def cmd_rewrite(a) -> int:
         print(f"attnforge: error: {export_error}", file=sys.stderr)
         return 2
     return 0 if report.passed and all(o["passed"] for o in onnx_rows or []) else 1
+
+
+def _another_shape(opt, args, kwargs):
+    """The example call at another batch and length (each symbolic dim grown: a batch by its first row, a length
+    by its last position), to check the ONNX file's dynamic axes; None when nothing is symbolic."""
+    import torch
+
+    program = opt.programs[0] if opt.programs else None
+    if program is None or not any(isinstance(d, str) for dims in program.report.shapes.values() for d in dims):
+        return None
+    grow = {"B": 1}
+    call = dict(zip(program.form.tensors, program.form.inputs(args, kwargs)))
+
+    def widen(name, t):
+        for dim, sym in enumerate(program.report.shapes.get(name, [])):
+            if isinstance(sym, str):
+                extra = grow.get(sym[0], 3)
+                piece = t.narrow(dim, 0, 1) if sym.startswith("B") else t.narrow(dim, t.shape[dim] - 1, 1)
+                t = torch.cat([t] + [piece] * extra, dim)
+        return t
+
+    grown = {k: widen(k, v) for k, v in call.items()}
+    shape = "x".join(map(str, next(iter(grown.values())).shape))
+    return (), {**{k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}, **grown}, shape
 
 
 def cmd_diff(a) -> int:
@@ -217,10 +272,15 @@ def cmd_autotune(a) -> int:
             # rewritten (and verified) on CPU with the PyTorch kernels; the kernels are then recorded on the device
             model, opt, args, kwargs = _optimize(a, stage, load_recipe(a.recipe), backend="torch")
             stage(f"record the kernels the rewritten model runs on {device}")
-            module = opt.module.to(device=device, dtype=dtype) if opt.graph_module is not None else None
-            if module is None:
+            if opt.graph_module is None:
                 raise AttnforgeError(f"{a.spec}: the model was not captured, so it runs no attnforge kernels")
-            move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            module = opt.to(device=device, dtype=dtype)  # captured again at that dtype and device on the next call
+
+            def move(x):
+                if not isinstance(x, torch.Tensor):
+                    return x
+                return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
             calls = record_calls(module, tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}, backend)
         else:
             stage(f"inputs of {a.op}")
@@ -323,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rewrite", parents=[model], help="capture, rewrite, verify; export ONNX and check it")
     r.add_argument("-o", "--output", help="ONNX file to write, then run in onnxruntime against the rewritten model")
     r.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: the Attention op; >= 18)")
+    r.add_argument("--static", action="store_true", help="export the example's shapes (default: batch and sequence "
+                                                          "dims dynamic)")
     r.add_argument("--report", help="write the HTML diff report to this file")
     r.add_argument("--json", help="write the report as JSON to this file")
     r.add_argument("--dry-run", action="store_true", help="show matches and planned rewrites, apply nothing")

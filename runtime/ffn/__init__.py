@@ -75,5 +75,5 @@ VARIANT = register(Variant(
     name="ffn", rewrite="fuse_ffn",
     schema="(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down, Tensor? b_down, Tensor? w_gate, Tensor? b_gate, "
            "str activation, str layout) -> Tensor",
-    reference=reference, cpu=ffn_cpu, fake=_fake, triton=launch_triton, supports=supports, cost=cost, synthetic=synthetic,
-    tunables=tunables, onnx=ffn_onnx))
+    reference=reference, cpu=ffn_cpu, fake=_fake, triton=launch_triton, supports=supports, cost=cost,
+    synthetic=synthetic, tunables=tunables, onnx=ffn_onnx))
