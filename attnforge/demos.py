@@ -5,13 +5,15 @@ import torch
 
 DEMOS = {
     "tiny-llama": "LlamaModel, 2 layers, hidden 64, 4 heads / 2 KV heads (GQA), RoPE, SwiGLU, padding mask",
+    "tiny-llama-lm": "LlamaForCausalLM, the same with its LM head and default config (use_cache): generates",
     "tiny-bert": "BertModel, 2 layers, hidden 64, 4 heads, GELU FFN, padding mask",
     "tiny-vit": "ViTModel, 2 layers, hidden 64, 4 heads, 32x32 images in 8x8 patches",
 }
 
 
 def build_demo(name: str, seed: int = 0, input_shape: tuple[int, ...] | None = None):
-    """(model, example_args, example_kwargs) for a demo name (``tiny-llama``, ``tiny-bert``, ``tiny-vit``).
+    """(model, example_args, example_kwargs) for a demo name (``tiny-llama``, ``tiny-llama-lm``, ``tiny-bert``,
+    ``tiny-vit``).
 
     ``input_shape`` (batch, length) sizes the token demos' inputs (default 2×32, at most 512 positions)."""
     import transformers as tf
@@ -24,6 +26,12 @@ def build_demo(name: str, seed: int = 0, input_shape: tuple[int, ...] | None = N
                              use_cache=False, attn_implementation="sdpa")
         model = tf.LlamaModel(cfg).eval()
         return model, (torch.randint(0, 256, (batch, length)),), {"attention_mask": _padded(batch, length)}
+    if name == "tiny-llama-lm":
+        cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        model = tf.LlamaForCausalLM(cfg).eval()
+        mask = _padded(batch, length).flip(-1)  # left padding, as prompts for generation are batched
+        return model, (torch.randint(0, 256, (batch, length)),), {"attention_mask": mask}
     if name == "tiny-bert":
         cfg = tf.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=512, attn_implementation="eager")

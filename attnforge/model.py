@@ -57,6 +57,8 @@ class OptimizedModel(nn.Module):
         self._failed: dict = {}  # call forms that could not be captured: they run the model eagerly
         self._warned: set = set()
         self._static_forms = False  # whether some calls needed a static graph of their exact shapes
+        self._decoders: dict = {}  # placement -> the generation decoder (attnforge/generate.py)
+        self._example_form = program.form if program is not None else None  # the call optimize was given
         self.train(bool(source.training) if source is not None else False)
         if program is not None:
             self._programs[program.form] = program
@@ -67,9 +69,17 @@ class OptimizedModel(nn.Module):
     # ------------------------------------------------------------------ views
 
     @property
+    def program(self) -> Optional[Program]:
+        """The program of the example call ``optimize`` was given (else the oldest one kept; None when nothing was
+        captured). Later call forms, generation's included, have programs of their own (``programs``)."""
+        if not self._programs:
+            return None
+        return self._programs.get(self._example_form) or next(iter(self._programs.values()))
+
+    @property
     def graph_module(self):
-        """The first program's rewritten ``fx.GraphModule`` (None when the model could not be captured)."""
-        return next(iter(self._programs.values())).gm if self._programs else None
+        """The example call's rewritten ``fx.GraphModule`` (None when the model could not be captured)."""
+        return self.program.gm if self._programs else None
 
     @property
     def module(self) -> nn.Module:
@@ -120,6 +130,40 @@ class OptimizedModel(nn.Module):
                 if not _excluded_by_guards(e):
                     raise
                 return self._run_exact_shapes(form, inputs, args, kwargs, e)
+
+    def _program_for(self, args, kwargs) -> Optional[Program]:
+        """The inference program of a call (captured when new), or None when it cannot be captured."""
+        form, _ = call_form(self._source, args, kwargs, False)
+        return self._programs.get(form) or self._recapture(form, args, kwargs)
+
+    def _failed_reason(self, args, kwargs) -> str:
+        form, _ = call_form(self._source, args, kwargs, False)
+        return self._failed.get(form, "unknown")
+
+    def _source_signature(self) -> set:
+        import inspect
+
+        return set(inspect.signature(type(self._source).forward).parameters)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Hugging Face-style generation over attnforge's own KV cache (attnforge/generate.py): the prompt and the
+        new tokens as a LongTensor, or with ``return_dict_in_generate=True`` the output object with
+        ``.sequences`` and the per-step ``.logits``/``.scores``. A model that was not captured generates with its
+        own ``generate``."""
+        from .generate import generate
+
+        if not self._programs and self.report.capture_error and hasattr(self._source, "generate"):
+            return self._source.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def kv_cache_bytes(self, batch_size: int, context_length: int) -> int:
+        """Bytes the decode state (every layer's cache) holds for ``batch_size`` sequences of ``context_length``."""
+        from .generate import decoder_for
+
+        decoder = decoder_for(self, torch.zeros(1, 8, dtype=torch.long))
+        return int(decoder.cache_bytes(batch_size, context_length)[1])
 
     def _run_exact_shapes(self, form: CallForm, inputs, args, kwargs, error: Exception):
         """A call at shapes the graph's guards exclude (a size the capture had to fix): a static graph for exactly
@@ -238,6 +282,7 @@ class OptimizedModel(nn.Module):
                                      f"({before[0]} on {before[1]}): optimize the original model after moving it")
             self._programs.clear()
             self._failed.clear()
+            self._decoders.clear()
         return self
 
     def _placement(self):

@@ -50,7 +50,7 @@ def _as_args(example_inputs) -> tuple:
 
 def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example_kwargs: dict | None = None, *,
              verify: bool = True, strict: bool = False, backend: str = "auto", dynamic: bool = True,
-             progress: Callable[[str], None] | None = None, dry_run: bool = False):
+             progress: Callable[[str], None] | None = None, dry_run: bool = False, check_decode: bool = True):
     """Rewrite ``model``'s attention and FFN subgraphs as ``recipe`` says; never mutates ``model``.
 
     ``recipe``: builtin name (``"exact"``), YAML/JSON path, dict or ``Recipe`` (validated first:
@@ -62,6 +62,8 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     the per-site checks and the final verification run on it too. ``dynamic``: keep batch/sequence dims
     symbolic. ``dry_run``: match and select only; the report lists the sites each step would rewrite (status
     ``planned``, all matched on the unrewritten graph) and the model is not changed or verified.
+    ``check_decode``: for a model that generates (Hugging Face's ``can_generate()``), check the decode contract on
+    the example and report it with the KV-cache bytes (attnforge/generate.py).
 
     A ``SentenceTransformer`` comes back as a SentenceTransformer whose transformer runs the rewritten graph
     (``.encode()`` as before), with the report at ``.report``.
@@ -93,7 +95,61 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         warnings.warn(f"attnforge: {type(model).__name__} was captured with static shapes: other batch sizes and "
                       f"lengths are captured again when they come ({program.report.notes[-1]})", RuntimeWarning,
                       stacklevel=2)
-    return OptimizedModel(source, recipe, backend, options, program, program.report)
+    opt = OptimizedModel(source, recipe, backend, options, program, program.report)
+    if check_decode and not dry_run and _can_generate(source):
+        if progress:
+            progress("decode contract")
+        _report_decode(opt, program, args, kwargs)
+    return opt
+
+
+def _can_generate(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _report_decode(opt, program: Program, args, kwargs) -> None:
+    """Check the decode contract on the example (attnforge/generate.py) and put it, with the KV-cache bytes
+    per layer before and after as formulas in the context length N, in the report."""
+    from .capture import _bind, _signature
+    from .generate import GenerationError, cache_formula, check_decode
+
+    report = program.report
+    named = _bind(_signature(type(opt._source)), tuple(args), dict(kwargs))
+    ids, mask = named.get("input_ids"), named.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        report.decode = {"checked": False, "reason": "the example has no [batch, length] input_ids"}
+        return
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 4)
+        mask = None if mask is None else mask.repeat(1, 4)
+    try:
+        report.decode = {"checked": True, **check_decode(opt, ids, mask)}
+        report.kv_cache = {**cache_formula(opt), "before": _full_cache_formula(opt, report)}
+    except GenerationError as e:
+        report.decode = {"checked": False, "reason": str(e)}
+        warnings.warn(f"attnforge: {type(opt._source).__name__} cannot generate with attnforge's cache: {e}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _full_cache_formula(opt, report: Report) -> str:
+    """The original model's cache: every key and value of its own KV heads, per layer."""
+    import sympy
+
+    from attnforge.runtime.cache import POLICIES
+
+    from .generate import N
+
+    decoder = next(iter(opt._decoders.values()))
+    kv = {s.fqn: s.info.get("kv_heads") for s in report.sites if s.kind == "attention"}
+    total = 0
+    for s in decoder.graph.sites:
+        site = s.site if not kv.get(s.fqn) else type(s.site)(**{**s.site.__dict__, "kv_heads": kv[s.fqn]})
+        total += POLICIES["full"].bytes(site, 1, N)
+    return str(sympy.simplify(total))
 
 
 def build_program(source: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, *, backend: str = "auto",

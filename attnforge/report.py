@@ -45,6 +45,8 @@ class Report:
     call_form: str = ""  # the call the graph serves: its tensor inputs and baked flags
     shapes: dict = field(default_factory=dict)  # input -> dims as captured ("B", "N": symbolic; ints: static)
     recaptures: list[dict] = field(default_factory=list)  # later programs: other call forms, dtypes, training
+    decode: dict = field(default_factory=dict)  # the decode contract on the example (attnforge/generate.py)
+    kv_cache: dict = field(default_factory=dict)  # KV-cache bytes per layer and in all, formulas in N
 
     # ------------------------------------------------------------------ queries
     def counts(self) -> dict[str, int]:
@@ -57,7 +59,8 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return not self.capture_error and all(o.get("passed", False) for o in self.outputs)
+        return not self.capture_error and all(o.get("passed", False) for o in self.outputs) and \
+            self.decode.get("passed", True)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -117,6 +120,18 @@ class Report:
                 t.add_row("[✓]" if o["passed"] else "\\[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
                           f"{o['cosine']:.6f}", o.get("budget", ""))
             console.print(t)
+        if self.decode:
+            d = self.decode
+            if d.get("checked"):
+                mark = "[✓]" if d["passed"] else "[x]"
+                note = "" if d.get("exact_policies", True) else " (a policy that decodes by its own rule: not compared)"
+                console.print(f"{mark} decode with the cache ({', '.join(d['policies'])}) equals the full sequence: "
+                              f"max |Δ logit| {d['max_abs']:.2e} over {d['positions']} positions{note}", markup=False)
+            else:
+                console.print(f"decode not checked: {d.get('reason', '')}", markup=False)
+        if self.kv_cache.get("total"):
+            console.print(f"KV cache bytes at context N, batch 1: {self.kv_cache.get('before', '?')} -> "
+                          f"{self.kv_cache['total']}", markup=False)
         for r in self.recaptures:
             console.print(f"captured again for {r['why']}: applied {r['counts'] or 'nothing'}"
                           + ("" if r.get("passed", True) else " [outputs over the budget]"), markup=False)

@@ -67,8 +67,9 @@ def apply(edit, site: LayerInputSite, params: EngramParams):
     def call(target, args, kwargs=None):
         return edit.call(target, args, kwargs, fqn=fqn)
 
-    start = next(n for n in edit.graph.nodes if n.op != "placeholder")
-    with edit.inserting_before(start):  # depends on the ids only: ahead of every layer
+    order = {n: i for i, n in enumerate(edit.graph.nodes)}
+    anchor = max([n for n in edit.graph.nodes if n.op == "placeholder"] + [site.ids], key=order.get)
+    with edit.inserting_before(anchor.next):  # depends on the ids only: ahead of every layer, after every input
         p = {k: edit.get_attr(f"{prefix}.{k}", h) for k in ("table", "key", "value", "key_norm", "hidden_norm")}
         e = call(VARIANT.op, (site.ids, p["table"], memory.multipliers, params.ngram, params.heads, memory.primes,
                               params.pad_id))

@@ -13,11 +13,13 @@ softmax), the PyTorch kernel (its tile tables by interval classification, runtim
 from __future__ import annotations
 
 import sympy
+import torch
 from pydantic import Field
 
 from attnforge.codegen import masks
 
 from .blockwise import attend_predicate
+from .cache import CachePolicy, attend_keys, register_policy
 from .common import attention_cost, predicate_reference, qkv_inputs, same_as_q
 from .onnx import predicate_attention
 from .registry import Params, Variant, param, register
@@ -71,6 +73,47 @@ def synthetic(shape, params, dtype, device):
     return q, k, v, None, scale, param(params, "chunk", 256), param(params, "causal", True)
 
 
+def _cache_allocate(site, batch: int, capacity: int) -> list:
+    c = site.params["chunk"]
+    new = lambda d: torch.zeros(batch, site.kv_heads, c, d, dtype=site.dtype, device=site.device)  # noqa: E731
+    return [new(site.head_dim), new(site.value_dim), torch.zeros(batch, c, dtype=torch.bool, device=site.device)]
+
+
+def _cache_attend(q, k, v, state, valid, start, site):
+    """Prefill: the kernel over the prompt, then the last (partial) chunk is kept. Decode at p: slot p mod chunk,
+    the chunk cleared when p starts a new one; the query sees the chunk's slots up to its own."""
+    c = site.params["chunk"]
+    if start == 0:
+        keep = masks.dense(masks.causal(), q.shape[2], device=q.device)[None] & valid[:, None, :]
+        any_key = keep.any(-1, keepdim=True)
+        out = cpu(q, k, v, (keep | ~any_key)[:, None], site.scale, c, True).masked_fill(~any_key[:, None], 0.0)
+        first = (q.shape[2] - 1) // c * c
+        n = q.shape[2] - first
+        state[0][:, :, :n], state[1][:, :, :n], state[2][:, :n] = k[:, :, first:], v[:, :, first:], valid[:, first:]
+        state[2][:, n:] = False
+        return out
+    outs = []
+    for t in range(q.shape[2]):
+        slot = (start + t) % c
+        if slot == 0:
+            state[2][:] = False
+        state[0][:, :, slot], state[1][:, :, slot], state[2][:, slot] = k[:, :, t], v[:, :, t], valid[:, t]
+        visible = state[2] & (torch.arange(c, device=q.device) <= slot)
+        outs.append(attend_keys(q[:, :, t:t + 1], state[0], state[1], visible[:, None], site.scale))
+    return torch.cat(outs, 2)
+
+
+def _cache_bytes(site, batch, context):
+    item = torch.empty(0, dtype=site.dtype).element_size()
+    return batch * site.params["chunk"] * (site.kv_heads * (site.head_dim + site.value_dim) * item + 1)
+
+
+CACHE = register_policy(CachePolicy(
+    "chunk", "the current chunk's keys: constant in the context length", _cache_allocate, _cache_attend, _cache_bytes,
+    pack=lambda p: ([p["chunk"]], [], [], []), unpack=lambda ints, floats, strs, weights: {"chunk": ints[0]},
+    params_of=lambda a: {"chunk": a["chunk"]}))
+
+
 def onnx(op, q, k, v, mask, scale, chunk, causal):
     return predicate_attention(op, q, k, v, mask, scale, predicate(chunk, causal))
 
@@ -79,4 +122,4 @@ VARIANT = register(Variant(
     name="chunked_attention", rewrite="chunked_attention", params=ChunkedParams,
     schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int chunk, bool causal) -> Tensor",
     reference=reference, cpu=cpu, fake=same_as_q, triton=launch_triton, supports=supports, cost=cost,
-    synthetic=synthetic, onnx=onnx))
+    synthetic=synthetic, onnx=onnx, cache=CACHE))

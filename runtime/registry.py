@@ -16,6 +16,7 @@ A variant is one ``torch.ops.attnforge.<name>`` op with, in one object (DESIGN.m
     tunables         the ``Tunable`` kernels one call runs (codegen/autotune.py) on a backend (``tunables_for``
                      asks ``supports`` first)
     onnx             its ONNX translation, ``fn(op, *args)`` (runtime/onnx.py)
+    cache            its cache policy for generation (runtime/cache.py): the layout of its KV state
     waiting          for an op that no rewrite inserts yet: which issue wires it
 
 The CLI, ``attnforge autotune``, the diff's FLOP counts, ONNX export and the recipe schema read this registry;
@@ -115,6 +116,10 @@ class Variant:
     synthetic: Optional[Callable] = None
     tunables: Callable = _no_tunables
     onnx: Optional[Callable] = None
+    cache: Optional[Any] = None  # the variant's cache policy for generation (runtime/cache.py)
+    mutates: tuple = ()  # arguments the op writes in place (a cache)
+    differentiable: bool = True
+    inserted_by: str = ""  # for an op no recipe step inserts: what does
     waiting: str = ""
     doc: str = ""
 
@@ -153,10 +158,11 @@ def register(v: Variant) -> Variant:
         return v.dispatch(*args)
 
     body.__name__, body.__doc__ = v.name, doc
-    op = torch.library.custom_op(f"attnforge::{v.name}", body, mutates_args=(), schema=v.schema)
+    op = torch.library.custom_op(f"attnforge::{v.name}", body, mutates_args=v.mutates, schema=v.schema)
     op.register_fake(v.fake)
-    backward, setup = v.backward or (_recompute_backward(v), _save_inputs)
-    op.register_autograd(backward, setup_context=setup)
+    if v.differentiable:
+        backward, setup = v.backward or (_recompute_backward(v), _save_inputs)
+        op.register_autograd(backward, setup_context=setup)
     v.doc = doc
     VARIANTS[v.name] = v
     return v

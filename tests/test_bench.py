@@ -12,7 +12,8 @@ BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 @pytest.mark.parametrize("command,needle", [("pipeline", "| layers |"), ("kernels", "attnforge sliding_window"),
                                             ("e2e", "long-context"), ("decode", "decode tokens/s"),
-                                            ("linear", "linear elu"), ("autotune", "sliding_window_cpu")])
+                                            ("linear", "linear elu"), ("autotune", "sliding_window_cpu"),
+                                            ("generate", "sliding window 512 + 4 sinks")])
 def test_quick_mode_runs(command, needle):
     docs = BENCH.parent.parent / "docs" / "benchmarks.md"
     before = docs.read_text() if docs.exists() else None

@@ -293,3 +293,71 @@ def test_a_capture_failure_is_crossed_out_on_the_capture_line(tmp_path):
     assert "capture failed, the model runs unchanged" in p.stdout
     p = run("rewrite", "dd.py:build", "--strict", cwd=tmp_path)
     assert p.returncode == 2 and "could not capture" in p.stderr
+
+
+def _demo_lm_tokens(prompt: list[int], new: int) -> list[int]:
+    """What opt.generate gives for demo:tiny-llama-lm in this process (the reference for the CLI's stream)."""
+    import warnings
+
+    import attnforge
+    from attnforge.demos import build_demo
+
+    model, args, kwargs = build_demo("tiny-llama-lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = attnforge.optimize(model, "exact", args, kwargs)
+    return opt.generate(torch.tensor([prompt]), max_new_tokens=new)[0, len(prompt):].tolist()
+
+
+def test_generate_streams_the_tokens_generate_gives():
+    p = run("generate", "demo:tiny-llama-lm", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6")
+    assert p.returncode == 0, p.stderr[-2000:]
+    streamed = [int(t) for t in p.stdout.split()]
+    assert streamed == _demo_lm_tokens([5, 6, 7, 8], 6)
+    assert "tokens/s decoding" in p.stderr and "KV cache" in p.stderr and "bytes at 10 tokens" in p.stderr
+
+
+def test_generate_with_a_text_prompt_and_a_tokenizer_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path)
+    p = run("generate", "demo:tiny-llama-lm", "--prompt", "w5 w6 w7 w8", "--tokenizer", str(tmp_path),
+            "--max-new-tokens", "5")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [f"w{t}" for t in _demo_lm_tokens([5, 6, 7, 8], 5)]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--prompt-ids 1,2,3 or as --prompt"),
+    (["--prompt-ids", "1,x"], "expected integers"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "-1"], "--max-new-tokens -1"),
+    (["--prompt", "hello"], "needs a tokenizer"),
+    (["--prompt-ids", "1,2", "--do-sample", "--top-p", "2"], "top_p"),
+])
+def test_generate_refuses_bad_input_with_exit_code_2(args, message):
+    p = run("generate", "demo:tiny-llama-lm", *args)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+
+
+def test_a_model_that_does_not_generate_exits_2():
+    p = run("generate", "demo:tiny-bert", "--prompt-ids", "1,2,3")
+    assert p.returncode == 2 and "bidirectional" in p.stderr, p.stderr[-2000:]
+
+
+def test_rewrite_for_text_generation_writes_the_decode_step_and_checks_it(tmp_path):
+    p = run("rewrite", "demo:tiny-llama-lm", "--recipe", "exact", "--task", "text-generation", "-o",
+            str(tmp_path / "onnx"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (tmp_path / "onnx" / "model.onnx").exists()
+    layout = json.loads((tmp_path / "onnx" / "decode_layout.json").read_text())
+    assert layout["inputs"][3] == "past_key_values.0.key" and layout["outputs"][1] == "present.0.key"
+    assert "[✓] greedy tokens, 8 steps, batch 2 left-padded (full cache)" in p.stdout
+    recipe = tmp_path / "b.json"
+    recipe.write_text(json.dumps({"steps": [{"rewrite": "block_sparse", "params": {"block": 4}}]}))
+    p = run("rewrite", "demo:tiny-llama-lm", "--recipe", str(recipe), "--task", "text-generation", "-o",
+            str(tmp_path / "b"))
+    assert p.returncode == 2 and "'blocks' cache has no exported decode step" in p.stderr, p.stderr[-2000:]

@@ -127,3 +127,19 @@ def test_html_renders_in_headless_chromium(llama, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     if os.environ.get("ATTNFORGE_UPDATE_SCREENSHOT"):  # refresh the picture in docs/cli.md
         shutil.copy(shot, ROOT / "docs" / "img" / "diff.png")
+
+
+def test_kv_cache_before_and_after_for_a_model_that_generates(tmp_path):
+    """A causal LM's diff states its KV cache in the context length N: the model's own full cache before, the
+    sliding window's constant ring after (2 layers × 2 KV heads × 16 dims, fp32)."""
+    recipe = tmp_path / "w.json"
+    recipe.write_text(json.dumps({"steps": [{"rewrite": "sliding_window", "params": {"window": 8, "sinks": 2}}]}))
+    p = cli("diff", "demo:tiny-llama-lm", "--recipe", str(recipe), "--json", str(tmp_path / "d.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads((tmp_path / "d.json").read_text())
+    jsonschema.validate(d, SCHEMA)
+    per_token = 2 * (2 * (16 + 16) * 4 + 1)
+    assert d["kv_cache"]["before"]["formula"] == f"{per_token}*N"
+    assert d["kv_cache"]["before"]["value"] == per_token * d["symbols"]["N"]
+    assert d["kv_cache"]["after"] == {"formula": str(2 * 10 * (2 * 32 * 4 + 9)), "value": 2 * 10 * (2 * 32 * 4 + 9)}
+    assert "KV cache for generation" in p.stdout

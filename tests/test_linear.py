@@ -169,16 +169,23 @@ def test_strictly_causal(name, window):
 
 @pytest.mark.parametrize("name", MAPS)
 def test_recurrent_decode_equals_the_parallel_form(name):
+    """The ``recurrent`` cache policy (runtime/linear/cache.py), one token at a time from an empty state, through
+    ``cached_attention``: the parallel form's outputs, in constant memory."""
+    from attnforge.runtime.cache import POLICIES, Site
+
     q, k, v, _ = inputs(n=20, padded=False)
     wq, wk = map_weights(name, 4, 2, 16)
     want = op(q, k, v, None, 0.25, name, True, 0, EPS, wq, wk, None)
-    state, z = linear.decode.decode_state(2, 4, 16, name, wq)
-    sizes = {(state.shape, z.shape)}
+    params = {"feature_map": name, "window": 0, "eps": EPS, "wq": wq, "wk": wk, "mix": None}
+    policy = POLICIES["recurrent"]
+    state = policy.allocate(Site(4, 2, 16, 16, 0.25, q.dtype, q.device, params), 2, 20)
+    sizes = {tuple(s.shape for s in state)}
+    valid = torch.ones(2, 1, dtype=torch.bool)
     for t in range(20):
-        o, state, z = torch.ops.attnforge.linear_attention_decode(state, z, q[:, :, t], k[:, :, t], v[:, :, t], 0.25,
-                                                                  name, EPS, wq, wk)
-        sizes.add((state.shape, z.shape))
-        torch.testing.assert_close(o, want[:, :, t], rtol=1e-4, atol=1e-5)
+        o = torch.ops.attnforge.cached_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, valid,
+                                                 max(t, 1) if t else 0, 0.25, "recurrent", *policy.pack(params))
+        sizes.add(tuple(s.shape for s in state))
+        torch.testing.assert_close(o[:, :, 0], want[:, :, t], rtol=1e-4, atol=1e-5)
     assert len(sizes) == 1  # constant memory per token
 
 

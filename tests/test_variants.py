@@ -15,7 +15,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from attnforge.runtime import VARIANTS, Shaped, op_names, variant
 from attnforge.runtime.dispatch import use_backend
 from attnforge.runtime.linear import hedgehog_init, orthogonal_features
-from attnforge.runtime.linear.decode import decode_state
 
 ATTENTION_SHAPE = (2, 4, 37, 16)  # ragged: 37 is no multiple of any tile
 
@@ -46,11 +45,19 @@ def _cases(name: str) -> list[tuple]:
                 (q, k, vv, None, 0.25, "performer", True, 0, 1e-6, perf, perf, None),
                 (q, k, vv, keep, 0.25, "elu", True, 5, 1e-6, None, None, torch.randn(4, dtype=d)),
                 (q, k, vv, None, 0.25, "taylor", False, 4, 1e-6, None, None, torch.zeros(4, dtype=d))]
-    if name == "linear_attention_decode":
-        state, z = decode_state(2, 4, 16, "elu", dtype=torch.float64)
-        state, z = state + torch.rand_like(state), z + torch.rand_like(z)
-        q, k, vv = (torch.randn(2, h, 16, dtype=torch.float64) for h in (4, 2, 2))
-        return [(state, z, q, k, vv, 0.25, "elu", 1e-6, None, None)]
+    if name == "cached_attention":  # a decode step of a full and of a ring cache, after a prefill of 30 tokens
+        from attnforge.runtime.cache import POLICIES, Site
+
+        out = []
+        for policy, params in (("full", {}), ("ring", {"window": 8, "sinks": 2})):
+            p = POLICIES[policy]
+            q, k, vv = (torch.randn(2, h, 31, 16, dtype=torch.float64) for h in (4, 2, 2))
+            state = p.allocate(Site(4, 2, 16, 16, 0.25, torch.float64, "cpu", params), 2, 31)
+            valid = torch.ones(2, 31, dtype=torch.bool)
+            v.op(q[:, :, :30], k[:, :, :30], vv[:, :, :30], state, valid[:, :30], 0, 0.25, policy, *p.pack(params))
+            out.append((q[:, :, 30:], k[:, :, 30:], vv[:, :, 30:], state, valid[:, 30:], 30, 0.25, policy,
+                        *p.pack(params)))
+        return out
     if name == "memory_layer":
         d = torch.float64
         return [(torch.randn(3, 5, 16, dtype=d), torch.randn(2 * 2 ** 8, 12, dtype=d), torch.randn(12, dtype=d), 8),
@@ -80,6 +87,11 @@ NAMES = sorted(VARIANTS)
 @pytest.mark.parametrize("name", NAMES)
 def test_the_pytorch_kernel_equals_the_reference(name):
     v = VARIANTS[name]
+    if name == "cached_attention":  # its reference is each layout's variant, over the whole sequence
+        from attnforge.runtime.cache import POLICIES
+        from tests.test_cache import CASES
+
+        assert set(POLICIES) <= {case.split("_")[0] for case in CASES}, "a cache policy tests/test_cache.py misses"
     for args in _cases(name):
         got, want = v.cpu(*args), v.reference(*args)
         for g, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):
@@ -101,6 +113,9 @@ def test_the_op_dispatches_and_its_fake_gives_the_real_shapes(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_through_the_op_equal_gradients_through_the_reference(name):
     v = VARIANTS[name]
+    if not v.differentiable:  # an inference-only op (it writes a cache): not in any training graph
+        assert v.inserted_by and v.mutates, f"{name} is not differentiable, yet a rewrite could put it in training"
+        return
     for args in _cases(name):
         floats = [i for i, (a, arg) in enumerate(zip(args, v.arg_names)) if isinstance(a, torch.Tensor)
                   and a.is_floating_point() and "mask" not in arg]  # masks are data, not trained
@@ -125,7 +140,7 @@ def test_the_triton_kernel_equals_the_reference_in_the_interpreter(name):
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
     v = VARIANTS[name]
     if v.triton is None:
-        assert v.waiting or name == "linear_attention_decode", f"{name} has no Triton kernel and waits for nothing"
+        assert v.waiting or v.inserted_by, f"{name} has no Triton kernel and waits for nothing"
         return
     ran = 0
     for args in _cases(name):
@@ -147,6 +162,8 @@ def test_cost_is_a_formula_of_the_shapes(name):
     args = _cases(name)[0]
 
     def symbolic(a):
+        if isinstance(a, list):
+            return [symbolic(x) for x in a]
         if not isinstance(a, torch.Tensor):
             return a
         shape = tuple(n if d == 37 else sympy.Integer(d) for d in a.shape)
@@ -167,6 +184,9 @@ def test_every_inserted_op_exports_and_tunes_or_says_what_it_waits_for(name):
     v = VARIANTS[name]
     if v.waiting:
         assert not v.rewrite and "#" in v.waiting, f"{name}: waiting ops name the issue that wires them"
+        return
+    if v.inserted_by:  # a pass inserts it (not a recipe step): it says which
+        assert not v.rewrite and "passes/" in v.inserted_by, name
         return
     assert v.rewrite, f"{name}: no rewrite inserts it and it waits for nothing"
     assert v.onnx is not None, f"{name} has no ONNX translation"

@@ -305,6 +305,114 @@ def cmd_decode(a) -> list[str]:
     return lines
 
 
+def e2e_lm(layers: int = 4, hidden: int = 512, heads: int = 8, seed: int = 0):
+    """The e2e subject with its LM head, for generation: HF defaults (use_cache, sdpa), no end-of-sequence token."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=65536, attn_implementation="sdpa")
+    model = tf.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # every run decodes all its tokens
+    return model
+
+
+GENERATE_RECIPES = {
+    "exact": "exact",
+    "sliding window 512 + 4 sinks": {"name": "window", "steps": [
+        {"rewrite": "sliding_window", "params": {"window": 512, "sinks": 4}}, {"rewrite": "fuse_ffn"}]},
+    "linear (elu)": {"name": "linear", "steps": [{"rewrite": "linear", "params": {"feature_map": "elu"}},
+                                                 {"rewrite": "fuse_ffn"}]},
+    "gqa 8->2": {"name": "gqa", "steps": [{"rewrite": "gqa", "params": {"kv_heads": 2}}, {"rewrite": "fuse_attention"},
+                                          {"rewrite": "fuse_ffn"}]},
+}
+
+
+class _Clock:
+    """A streamer that notes when each put comes: the prompt, then one per new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _generate_times(fn, ids, tokens: int) -> tuple[float, float]:
+    """(prefill + first token seconds, decode seconds per token) of one generate call."""
+    clock = _Clock()
+    fn(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens + 1, do_sample=False, streamer=clock)
+    return clock.times[1] - clock.times[0], (clock.times[-1] - clock.times[1]) / tokens
+
+
+def _floor(model, repeat: int) -> tuple[float, float]:
+    """Seconds for one token through the model's projection and FFN matmuls alone (every weight read once), and
+    the same with the LM head."""
+    import torch.nn.functional as F
+
+    linears = [m.weight for m in model.model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, w.shape[1]) for w in linears]
+    head, last = model.lm_head.weight, torch.randn(1, model.lm_head.weight.shape[1])
+    layers = lambda: [F.linear(x, w) for x, w in zip(inputs, linears)]  # noqa: E731
+    with torch.no_grad():
+        med = interleaved({"layers": layers, "head": lambda: (layers(), F.linear(last, head))}, repeat * 10)
+    return med["layers"], med["head"]
+
+
+def cmd_generate(a) -> list[str]:
+    """Generation on the e2e model: prefill time, decode tokens/s and KV-cache bytes per context, HF generate vs
+    attnforge's generate per recipe, with the matmul floor of one token, from one run."""
+    import warnings
+
+    import attnforge
+
+    model = e2e_lm(a.layers, a.hidden)
+    cfg = model.config
+    vocab = cfg.vocab_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = {name: attnforge.optimize(model, recipe, (torch.randint(0, vocab, (1, 64)),))
+                for name, recipe in GENERATE_RECIPES.items() if not a.only or name.split(" ")[0] in a.only}
+    floor, floor_head = _floor(model, a.repeat)
+    params = sum(p.numel() for n, p in model.named_parameters() if "layers" in n and p.dim() == 2)
+    lines = [f"HF LlamaForCausalLM: {a.layers} layers, hidden {a.hidden}, {cfg.num_attention_heads} heads, "
+             f"vocab {vocab}, fp32, batch 1, random weights; greedy, {a.tokens} decode tokens after the prompt's first "
+             f"(timed by a streamer), median of {a.repeat}; HF `generate` uses DynamicCache and sdpa.", "",
+             f"Floor: the projection and FFN matmuls alone for one token ({params * 4 / 1e6:.0f} MB of weights): "
+             f"{floor * 1e3:.2f} ms; with the LM head ({model.lm_head.weight.numel() * 4 / 1e6:.0f} MB more): "
+             f"{floor_head * 1e3:.2f} ms.", "",
+             "| context | variant | prefill + 1st token (s) | decode ms/token | decode tokens/s | vs HF | vs floor "
+             "(with head) | KV cache MB |", "|" + "---|" * 8]
+    series: dict = {}
+    for n in [int(x) for x in a.n.split(",")]:
+        ids = torch.randint(0, vocab, (1, n))
+        runs = {"HF generate": model.generate, **{name: opt.generate for name, opt in opts.items()}}
+        results = {}
+        with torch.no_grad():
+            for name, fn in runs.items():
+                times = [_generate_times(fn, ids, a.tokens) for _ in range(a.repeat)]
+                results[name] = (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+        hf_ms = results["HF generate"][1]
+        for name, (prefill, per_token) in results.items():
+            if name == "HF generate":
+                cache = 2 * cfg.num_hidden_layers * n * cfg.num_key_value_heads * cfg.head_dim * 4
+            else:
+                cache = opts[name].kv_cache_bytes(1, n)
+            series.setdefault(name, ([], []))
+            series[name][0].append(n)
+            series[name][1].append(1 / per_token)
+            lines.append(f"| {n} | {name} | {prefill:.2f} | {per_token * 1e3:.2f} | {1 / per_token:,.1f} | "
+                         f"{hf_ms / per_token:.2f}x | {per_token / floor_head:.2f}x | {cache / 2 ** 20:.2f} |")
+    lines += ["", "vs HF: HF's ms/token over the row's (above 1x: faster). vs floor: the row's ms/token over the "
+              "floor with the LM head (1x: nothing but the weights' matmuls)."]
+    return lines + plot(a, "generate", series, "context length", "decode tokens/s",
+                        f"generate, HF Llama-style {a.layers} layers hidden {a.hidden}, fp32, batch 1")
+
+
 def cmd_autotune(a) -> list[str]:
     """CPU autotuning of the sliding-window and linear kernels: every config's median time, the winner, and its
     ratio to the default config, all from one run (a private cache folder; the user's cache is not touched)."""
@@ -371,6 +479,7 @@ COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear g
             "kernels": (cmd_kernels, "sparse attention kernels vs SDPA and FlexAttention"),
             "e2e": (cmd_e2e, "end-to-end prefill on an HF Llama-style model"),
             "decode": (cmd_decode, "decode tokens/s of the original model with a KV cache"),
+            "generate": (cmd_generate, "generation: HF generate vs attnforge's cache per recipe, and the floor"),
             "linear": (None, "linear attention kernels vs dense causal SDPA"),
             "gpu": (cmd_gpu, "generated dense causal Triton kernel vs SDPA, TFLOP/s (CUDA only)"),
             "autotune": (cmd_autotune, "CPU autotuning: tuned vs default config of the sliding-window and linear kernels")}
@@ -414,13 +523,15 @@ def main(argv=None) -> int:
     pe.add_argument("--compile-max", type=int, default=8192, help="longest N for the torch.compile baseline")
     pd = _options(sub.add_parser("decode", help=COMMANDS["decode"][1]), n="1024,4096", tokens=32, layers=4,
                   hidden=512, repeat=3)
+    pgen = _options(sub.add_parser("generate", help=COMMANDS["generate"][1]), n="1024,4096,16384,32768", tokens=32,
+                    layers=4, hidden=512, repeat=2, only="")
     pl = sub.add_parser("linear", help=COMMANDS["linear"][1])
     _bench_linear().add_arguments(pl)
     pa = _options(sub.add_parser("autotune", help=COMMANDS["autotune"][1]), n="4096,8192,32768", heads=8, dim=64,
                   window=512, sinks=4, repeat=5)
     pg = _options(sub.add_parser("gpu", help=COMMANDS["gpu"][1]), n="4096,16384", batch=1, heads=16, dim=128,
                   dtype="float16", repeat=20)
-    for sp in (pp, pk, pe, pd, pl, pa, pg):
+    for sp in (pp, pk, pe, pd, pgen, pl, pa, pg):
         sp.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke tests; nothing saved")
         sp.add_argument("--no-save", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -432,7 +543,7 @@ def main(argv=None) -> int:
             a.n, a.repeat, a.window, a.no_flex = "256,512", 1, 64, True
         if a.command == "e2e":
             a.n, a.repeat, a.layers, a.hidden, a.no_compile = "256", 1, 2, 128, True
-        if a.command == "decode":
+        if a.command in ("decode", "generate"):
             a.n, a.repeat, a.layers, a.hidden, a.tokens = "64", 1, 2, 128, 4
         if a.command == "autotune":
             a.n, a.repeat, a.heads, a.dim, a.window = "256", 1, 2, 16, 32

@@ -1,4 +1,5 @@
-"""``attnforge`` command line (docs/cli.md): ``rewrite``, ``diff``, ``recipes``, ``autotune``, ``codegen``, ``bench``.
+"""``attnforge`` command line (docs/cli.md): ``rewrite``, ``diff``, ``generate``, ``recipes``, ``autotune``,
+``codegen``, ``bench``.
 
 Every ``AttnforgeError`` (attnforge/errors.py: a bad recipe, spec, shape or option, an export that failed, an
 unusable cache) exits with code 2 and a message naming the problem."""
@@ -105,10 +106,18 @@ def cmd_rewrite(a) -> int:
     recipe = _recipe(a)
     if a.opset < 18:
         raise AttnforgeError(f"--opset {a.opset}: the torch.onnx (dynamo) exporter writes opset 18 or newer")
+    generation = (a.task or "").replace("_", "-") == "text-generation"
+    if generation:
+        a.task = "causal-lm"
     onnx_rows, export_error, export_notes = None, "", []
     with _Stages() as stage:
         model, opt, args, kwargs = _optimize(a, stage, recipe, dry_run=a.dry_run)
-        if a.output and not a.dry_run:
+        if a.output and not a.dry_run and generation:
+            try:
+                onnx_rows = _export_decode(a, stage, opt)
+            except ExportError as e:
+                export_error = str(e)
+        elif a.output and not a.dry_run:
             stage(f"export ONNX, opset {a.opset}")
             target = opt.graph_module if opt.graph_module is not None else opt.module
             try:
@@ -161,12 +170,38 @@ def cmd_rewrite(a) -> int:
     return 0 if report.passed and all(o["passed"] for o in onnx_rows or []) else 1
 
 
+def _export_decode(a, stage, opt) -> list[dict]:
+    """``--task text-generation``: the decode step with its cache as inputs and outputs (attnforge/generate.py)
+    in the folder ``-o``, checked by a greedy loop in onnxruntime against ``opt.generate`` (batch 2, left-padded)."""
+    import torch
+
+    from attnforge.generate import GenerationError, export_decode_onnx, onnx_greedy
+
+    stage(f"export the decode step to {a.output}/model.onnx, opset {a.opset}")
+    try:
+        layout = export_decode_onnx(opt, a.output, a.opset)
+    except GenerationError as e:
+        raise ExportError(f"the model cannot generate: {e}") from None
+    stage("greedy generation in onnxruntime")
+    vocab = int(getattr(getattr(opt, "config", None), "vocab_size", 100))
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = opt.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True,
+                        output_logits=True)
+    got, logits = onnx_greedy(a.output, ids, mask, 8)
+    worst = max(float((g - w).abs().max()) for g, w in zip(logits, want.logits))
+    policies = ", ".join(sorted({layer["policy"] for layer in layout["layers"]}))
+    return [{"name": f"greedy tokens, 8 steps, batch 2 left-padded ({policies} cache)",
+             "passed": bool(torch.equal(got, want.sequences)), "max_abs": worst}]
+
+
 def _another_shape(opt, args, kwargs):
     """The example call at another batch and length (each symbolic dim grown: a batch by its first row, a length
     by its last position), to check the ONNX file's dynamic axes; None when nothing is symbolic."""
     import torch
 
-    program = opt.programs[0] if opt.programs else None
+    program = opt.program
     if program is None or not any(isinstance(d, str) for dims in program.report.shapes.values() for d in dims):
         return None
     grow = {"B": 1}
@@ -183,6 +218,105 @@ def _another_shape(opt, args, kwargs):
     grown = {k: widen(k, v) for k, v in call.items()}
     shape = "x".join(map(str, next(iter(grown.values())).shape))
     return (), {**{k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}, **grown}, shape
+
+
+class _Timed:
+    """A streamer wrapper: when each put came (the prompt's first), passed on to the user's streamer."""
+
+    def __init__(self, inner):
+        import time
+
+        self.inner, self.clock, self.times = inner, time.perf_counter, []
+
+    def put(self, value):
+        self.times.append(self.clock())
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
+class _IdPrinter:
+    """Prints the new token ids as they come (the prompt is not repeated)."""
+
+    def __init__(self):
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        print(" ".join(str(int(t)) for t in value.reshape(-1)), end=" ", flush=True)
+
+    def end(self):
+        print(flush=True)
+
+
+def _prompt_ids(a):
+    import torch
+
+    if (a.prompt_ids is None) == (a.prompt is None):
+        raise AttnforgeError("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT (with a tokenizer), once")
+    if a.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in a.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise AttnforgeError(f"--prompt-ids {a.prompt_ids!r}: expected integers, e.g. 1,2,3") from None
+        if not ids:
+            raise AttnforgeError("--prompt-ids is empty")
+        return torch.tensor([ids]), None
+    folder = a.tokenizer or (a.spec if Path(a.spec).is_dir() else None)
+    if folder is None:
+        raise AttnforgeError("--prompt needs a tokenizer: pass --tokenizer FOLDER (or a model folder as the spec)")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise AttnforgeError(f"--tokenizer {folder!r}: no tokenizer could be loaded ({e})") from None
+    return tokenizer(a.prompt, return_tensors="pt")["input_ids"], tokenizer
+
+
+def cmd_generate(a) -> int:
+    import torch
+    from rich.console import Console
+
+    from attnforge.generate import decoder_for
+
+    recipe = _recipe(a)
+    if a.max_new_tokens < 0:
+        raise AttnforgeError(f"--max-new-tokens {a.max_new_tokens}: must be >= 0")
+    if a.task is None and Path(a.spec).is_dir():
+        a.task = "causal-lm"
+    ids, tokenizer = _prompt_ids(a)
+    with _Stages() as stage:
+        model, opt, _, _ = _optimize(a, stage, recipe)
+        stage("build the decoder")
+        decoder_for(opt, ids)
+    err = Console(stderr=True)
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    if tokenizer is not None:
+        from transformers import TextStreamer
+
+        inner = TextStreamer(tokenizer, skip_prompt=True)
+    else:
+        inner = _IdPrinter()
+    timed = _Timed(inner)
+    start = timed.clock()
+    out = opt.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature,
+                       top_k=a.top_k, top_p=a.top_p, streamer=timed)
+    new = out.shape[1] - ids.shape[1]
+    context = out.shape[1]
+    cache = opt.kv_cache_bytes(1, context)
+    decode_s = timed.times[-1] - timed.times[1] if len(timed.times) > 2 else 0.0
+    rate = f"{(new - 1) / decode_s:.1f} tokens/s decoding" if decode_s > 0 else "one token"
+    first = timed.times[1] - start if len(timed.times) > 1 else 0.0
+    err.print(f"{new} new tokens: {rate}, prefill + first token {first * 1e3:.1f} ms; KV cache {cache:,} bytes at "
+              f"{context} tokens ({opt.report.kv_cache.get('total', '?')} for N tokens)", markup=False)
+    return 0
 
 
 def cmd_diff(a) -> int:
@@ -381,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--strict", action="store_true", help="fail when the model cannot be captured")
 
     r = sub.add_parser("rewrite", parents=[model], help="capture, rewrite, verify; export ONNX and check it")
-    r.add_argument("-o", "--output", help="ONNX file to write, then run in onnxruntime against the rewritten model")
+    r.add_argument("-o", "--output", help="ONNX file to write, then run in onnxruntime against the rewritten model "
+                                          "(with --task text-generation: a folder for the decode step)")
     r.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: the Attention op; >= 18)")
     r.add_argument("--static", action="store_true", help="export the example's shapes (default: batch and sequence "
                                                           "dims dynamic)")
@@ -399,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=lambda a: __import__("attnforge.tools.bench", fromlist=["main"]).main(a.rest))
+
+    g = sub.add_parser("generate", parents=[model], help="generate tokens with the rewritten model's own KV cache")
+    g.add_argument("--prompt-ids", help="the prompt as token ids, e.g. 1,2,3")
+    g.add_argument("--prompt", help="the prompt as text (tokenized with --tokenizer, or the model folder's)")
+    g.add_argument("--tokenizer", help="tokenizer folder for --prompt (default: the model folder)")
+    g.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample within this probability mass, in (0, 1]")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.set_defaults(fn=cmd_generate)
 
     t = sub.add_parser("autotune", help="tune the kernels a rewritten model (or one op) runs; cache the winners")
     t.add_argument("--model", dest="spec", metavar="SPEC", help=f"model spec: {SPEC_FORMS}")

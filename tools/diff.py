@@ -65,7 +65,17 @@ def build_diff(before: GraphModule, opt, model_name: str = "") -> dict:
                     memory[side] += _total(nodes, node_bytes)
         out["sites"].append(row)
     out["attention_memory"] = {side: quantity(v) for side, v in memory.items()}
+    if report.kv_cache.get("total"):  # a model that generates: its cache before (the model's own) and after
+        out["kv_cache"] = {side: _kv_quantity(report.kv_cache[key], out["symbols"].get("N"))
+                           for side, key in (("before", "before"), ("after", "total"))}
     return out
+
+
+def _kv_quantity(formula: str, context) -> dict:
+    """A KV-cache formula in the context length N (batch 1) and its value at the example's length."""
+    expr = sympy.sympify(formula, locals={"N": sympy.Symbol("N", positive=True, integer=True)})
+    value = expr.subs({s: context for s in expr.free_symbols}) if context is not None else expr
+    return {"formula": str(expr), "value": int(value) if value.is_number else None}
 
 
 # --------------------------------------------------------------------------- graph comparison
@@ -259,8 +269,10 @@ def render_text(diff: dict, console) -> None:
         t.add_column(col)
     t.add_row("graph nodes", str(diff["nodes"]["before"]), str(diff["nodes"]["after"]))
     t.add_row("parameters", f"{diff['parameters']['before']:,}", f"{diff['parameters']['after']:,}")
-    for key, label in (("flops", "FLOPs (matmul-like ops)"), ("attention_memory", "attention memory (bytes)")):
-        t.add_row(label, fmt_quantity(diff[key]["before"]), fmt_quantity(diff[key]["after"]))
+    for key, label in (("flops", "FLOPs (matmul-like ops)"), ("attention_memory", "attention memory (bytes)"),
+                       ("kv_cache", "KV cache for generation (bytes, batch 1, context N)")):
+        if key in diff:
+            t.add_row(label, fmt_quantity(diff[key]["before"]), fmt_quantity(diff[key]["after"]))
     console.print(t)
     t = Table(title="sites")
     for col in ("module", "pattern", "rewrite", "status", "nodes", "FLOPs", "memory (bytes)", "reason"):

@@ -47,6 +47,9 @@ def render_html(diff: dict) -> str:
             ("parameters", f"{diff['parameters']['before']:,}", f"{diff['parameters']['after']:,}"),
             ("FLOPs (matmul-like ops)", q(diff["flops"]["before"]), q(diff["flops"]["after"])),
             ("attention memory (bytes)", q(diff["attention_memory"]["before"]), q(diff["attention_memory"]["after"]))]
+    if "kv_cache" in diff:
+        rows.append(("KV cache for generation (bytes, batch 1, context N)", q(diff["kv_cache"]["before"]),
+                     q(diff["kv_cache"]["after"])))
     parts.append("<h2>Model</h2>" + _table(["", "before", "after"], rows))
     parts.append("<h2>Outputs vs the original</h2>" + _table(
         ["", "output", "max abs", "rel", "cosine"],

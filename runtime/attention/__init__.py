@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..common import attention_cost, causal_pairs, qkv_inputs, same_as_q
 from ..registry import Variant, param, register
+from .cache import FULL
 from .cpu import attention_cpu
 from .onnx import attention_onnx
 from .reference import attention as reference
@@ -75,4 +76,4 @@ VARIANT = register(Variant(
     reference=reference, cpu=attention_cpu, fake=same_as_q, triton=launch_triton, supports=supports,
     no_grad=lambda *a: "dropout_p > 0 is not supported in training (the recomputed mask would differ)"
     if a[6] > 0 else None,
-    cost=cost, synthetic=synthetic, tunables=tunables, onnx=attention_onnx))
+    cost=cost, synthetic=synthetic, tunables=tunables, onnx=attention_onnx, cache=FULL))

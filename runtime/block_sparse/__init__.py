@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from ..common import attention_cost, causal_pairs, qkv_inputs, same_as_q
 from ..registry import Params, Variant, param, register
+from .cache import BLOCKS
 from .cpu import block_sparse_cpu
 from .layout import block_tables, dense_block_mask, static_layout, topk_layout  # noqa: F401
 from .onnx import block_sparse_onnx
@@ -83,4 +84,4 @@ VARIANT = register(Variant(
     schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int block, int local, int global_, int random, "
            "int seed, int topk, bool causal) -> Tensor",
     reference=reference, cpu=block_sparse_cpu, fake=same_as_q, triton=launch_triton, supports=supports, cost=cost,
-    synthetic=synthetic, tunables=tunables, onnx=block_sparse_onnx))
+    synthetic=synthetic, tunables=tunables, onnx=block_sparse_onnx, cache=BLOCKS))

@@ -16,7 +16,7 @@ with m_t the maximum score over the window. taylor and performer estimate exp(s_
 is put on the window's scale, Σ_rest e^{−m_t} φ(q_t)·φ(k_s), and γ = 1.
 
 Files: ``features.py`` (the maps), ``reference.py`` (the quadratic form), ``cpu.py`` (chunked kernels),
-``triton.py`` (the fused chunked kernel, window 0), ``onnx.py``, ``decode.py`` (the recurrent step, for #15).
+``triton.py`` (the fused chunked kernel, window 0), ``onnx.py``, ``cache.py`` (the recurrent state of generation).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from attnforge.errors import AttnforgeError
 
 from ..common import attention_cost, qkv_inputs, same_as_q
 from ..registry import Cost, Params, Variant, param, register
-from . import cpu, decode  # noqa: F401  (decode registers linear_attention_decode)
+from . import cpu
+from .cache import RECURRENT
 from .cpu import CHUNK, hybrid_chunk, linear_attention_cpu
 from .features import (EXP_KERNELS, FEATURE_MAPS, feature_dim, hedgehog_init, orthogonal_features,  # noqa: F401
                        phi, window_weight)
@@ -119,4 +120,4 @@ VARIANT = register(Variant(
     schema="(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale, str feature_map, bool causal, int window, "
            "float eps, Tensor? wq, Tensor? wk, Tensor? mix) -> Tensor",
     reference=reference, cpu=linear_attention_cpu, fake=same_as_q, triton=launch_triton, supports=supports, cost=cost,
-    synthetic=synthetic, tunables=tunables, onnx=linear_attention_onnx))
+    synthetic=synthetic, tunables=tunables, onnx=linear_attention_onnx, cache=RECURRENT))

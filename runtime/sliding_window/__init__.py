@@ -14,6 +14,7 @@ from pydantic import Field
 from ..common import attention_cost, qkv_inputs, same_as_q
 from ..registry import Params, Variant, param, register
 from . import cpu
+from .cache import RING
 from .onnx import sliding_window_onnx
 from .reference import sliding_window_attention as reference
 
@@ -81,4 +82,4 @@ VARIANT = register(Variant(
     name="sliding_window_attention", rewrite="sliding_window", params=SlidingWindowParams,
     schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int window, int sinks, bool causal) -> Tensor",
     reference=reference, cpu=cpu.sliding_window_cpu, fake=same_as_q, triton=launch_triton, supports=supports,
-    cost=cost, synthetic=synthetic, tunables=tunables, onnx=sliding_window_onnx))
+    cost=cost, synthetic=synthetic, tunables=tunables, onnx=sliding_window_onnx, cache=RING))
