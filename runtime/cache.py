@@ -109,6 +109,12 @@ VARIANT = register(Variant(
     inserted_by="the cache pass of generation (passes/decode.py), one call per attention site"))
 
 
+def prefill_mask(valid: Tensor) -> Optional[Tensor]:
+    """The prompt's key padding as the model mask [B, 1, 1, T] a variant's own kernel takes with its causal rule
+    (None without padding; rows that see no key come out 0)."""
+    return None if bool(valid.all()) else valid[:, None, None, :]
+
+
 def attend_plain(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float) -> Tensor:
     """softmax attention of q [B, H, T, D] over keys/values [B, Hkv, M, D] where ``visible`` [B, T, M], in plain
     tensor ops (what an exported decode step is made of); rows that see no key give 0."""

@@ -19,7 +19,7 @@ from pydantic import Field
 from attnforge.codegen import masks
 
 from .blockwise import attend_predicate
-from .cache import CachePolicy, attend_keys, register_policy
+from .cache import CachePolicy, attend_keys, prefill_mask, register_policy
 from .common import attention_cost, predicate_reference, qkv_inputs, same_as_q
 from .onnx import predicate_attention
 from .registry import Params, Variant, param, register
@@ -84,9 +84,7 @@ def _cache_attend(q, k, v, state, valid, start, site):
     the chunk cleared when p starts a new one; the query sees the chunk's slots up to its own."""
     c = site.params["chunk"]
     if start == 0:
-        keep = masks.dense(masks.causal(), q.shape[2], device=q.device)[None] & valid[:, None, :]
-        any_key = keep.any(-1, keepdim=True)
-        out = cpu(q, k, v, (keep | ~any_key)[:, None], site.scale, c, True).masked_fill(~any_key[:, None], 0.0)
+        out = torch.ops.attnforge.chunked_attention(q, k, v, prefill_mask(valid), site.scale, c, True)
         first = (q.shape[2] - 1) // c * c
         n = q.shape[2] - first
         state[0][:, :, :n], state[1][:, :, :n], state[2][:, :n] = k[:, :, first:], v[:, :, first:], valid[:, first:]

@@ -39,7 +39,11 @@ def plot(a, name: str, series: dict, xlabel: str, ylabel: str, title: str, log: 
     """Write docs/img/<name>.png (one line per series: {label: (xs, ys)}) and return its markdown line."""
     if a.no_save:
         return []
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: no plot, matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return ["", f"(no plot: matplotlib was not installed for this run: {title})"]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

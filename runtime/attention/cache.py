@@ -7,7 +7,7 @@ import torch
 from attnforge.codegen import masks
 from attnforge.errors import AttnforgeError
 
-from ..cache import CachePolicy, Site, attend_keys, attend_plain, register_policy
+from ..cache import CachePolicy, Site, attend_keys, attend_plain, prefill_mask, register_policy
 
 GROW = 256  # positions added when the cache is full
 
@@ -44,6 +44,8 @@ def write(state: list, k, v, valid, start: int) -> int:
 def attend(q, k, v, state, valid, start, site: Site):
     """Query t (at position start + t) sees the real keys j ≤ start + t (causal, top-left as the prefill)."""
     end = write(state, k, v, valid, start)
+    if start == 0:  # prefill: the variant's own kernel over the prompt (Triton on GPU)
+        return torch.ops.attnforge.attention(q, k, v, prefill_mask(valid), site.scale, True, 0.0)
     visible = state[2][:, None, :end]  # one query at the end sees every key: causality is the prefix itself
     if q.shape[2] > 1:
         visible = masks.dense(masks.causal(), q.shape[2], end, offset=start, device=q.device)[None] & visible

@@ -10,24 +10,18 @@ import functools
 
 import torch
 
-from attnforge.codegen import masks
-
 from ..attention.cache import allocate, grow, nbytes, write
-from ..cache import CachePolicy, Site, attend_keys, register_policy
+from ..cache import CachePolicy, Site, attend_keys, prefill_mask, register_policy
 from .layout import static_layout
 
 
 def attend(q, k, v, state, valid, start, site: Site):
     p = site.params
     if start == 0:  # prefill: the rewrite's own kernel over the prompt
-        from .cpu import block_sparse_cpu
-
         write(state, k, v, valid, start)
-        keep = masks.dense(masks.causal(), q.shape[2], device=q.device)[None] & valid[:, None, :]
-        any_key = keep.any(-1, keepdim=True)
-        out = block_sparse_cpu(q, k, v, (keep | ~any_key)[:, None], site.scale, p["block"], p["local"],
-                               p["global_"], p["random"], p["seed"], p["topk"], True)
-        return out.masked_fill(~any_key[:, None], 0.0)
+        return torch.ops.attnforge.block_sparse_attention(q, k, v, prefill_mask(valid), site.scale, p["block"],
+                                                          p["local"], p["global_"], p["random"], p["seed"],
+                                                          p["topk"], True)
     outs = []
     for t in range(q.shape[2]):
         pos = start + t

@@ -37,13 +37,12 @@ def _fold(state, k, v, keep, site):
 
 
 def attend(q, k, v, state, valid, start, site: Site):
-    from .cpu import linear_attention_cpu
-
     p = site.params
     w = p["window"]
     if start == 0:  # prefill: the rewrite's own kernel over the prompt, then the state decode continues from
-        out = linear_attention_cpu(q, k, v, valid[:, None, :], site.scale, p["feature_map"], True, w, p["eps"],
-                                   p.get("wq"), p.get("wk"), p.get("mix"))
+        out = torch.ops.attnforge.linear_attention(q, k, v, None if bool(valid.all()) else valid[:, None, :],
+                                                   site.scale, p["feature_map"], True, w, p["eps"], p.get("wq"),
+                                                   p.get("wk"), p.get("mix"))
         t = k.shape[2]
         old = max(0, t - w) if w else t  # keys that decode will see through the state
         _fold(state, k[:, :, :old], v[:, :, :old], valid[:, :old].to(q.dtype), site)

@@ -8,7 +8,7 @@ import torch
 
 from attnforge.codegen import masks
 
-from ..cache import CachePolicy, Site, attend_keys, attend_plain, register_policy
+from ..cache import CachePolicy, Site, attend_keys, attend_plain, prefill_mask, register_policy
 
 
 def allocate(site: Site, batch: int, capacity: int) -> list:
@@ -40,30 +40,21 @@ def write(state: list, k, v, valid, start: int, window: int, sinks: int) -> None
 def attend(q, k, v, state, valid, start, site: Site):
     window, sinks = site.params["window"], site.params["sinks"]
     rule = masks.sliding_window(window, sinks, True)
-    if start == 0:  # prefill: the window over the prompt itself (the rewrite's own kernel), then keep what decode needs
-        from . import cpu
-
-        keep = masks.dense(masks.causal(), q.shape[2], device=q.device)[None] & valid[:, None, :]
-        out = _prefill(q, k, v, keep, site, cpu)
+    if start == 0:  # prefill: the rewrite's own kernel over the prompt, then keep what decode needs
+        out = torch.ops.attnforge.sliding_window_attention(q, k, v, prefill_mask(valid), site.scale, window, sinks,
+                                                            True)
         write(state, k, v, valid, start, window, sinks)
         return out
     outs = []
     for t in range(q.shape[2]):  # decode: one query at a time (T is 1 when generating)
-        write(state, k[:, :, t:t + 1], v[:, :, t:t + 1], valid[:, t:t + 1], start + t, window, sinks)
+        p = start + t
+        slot = p if p < sinks else sinks + (p - sinks) % window  # slot_of, in integers
+        state[0][:, :, slot], state[1][:, :, slot] = k[:, :, t], v[:, :, t]
+        state[2][:, slot], state[3][:, slot] = p, valid[:, t]
         held = state[2]
-        visible = (held >= 0) & state[3] & masks.evaluate(rule, torch.tensor(start + t, device=q.device), held)
+        visible = (held >= 0) & state[3] & masks.evaluate(rule, p, held)
         outs.append(attend_keys(q[:, :, t:t + 1], state[0], state[1], visible[:, None, :], site.scale))
     return torch.cat(outs, 2)
-
-
-def _prefill(q, k, v, keep, site, cpu):
-    """The sliding-window kernel over the prompt, the model's padding as its mask; rows with no key give 0."""
-    any_key = (keep & masks.dense(masks.sliding_window(site.params["window"], site.params["sinks"], True),
-                                  q.shape[2], device=q.device)[None]).any(-1, keepdim=True)
-    mask = keep | ~any_key  # finite everywhere; the empty rows are zeroed below
-    out = cpu.sliding_window_cpu(q, k, v, mask[:, None], site.scale, site.params["window"], site.params["sinks"],
-                                 True)
-    return out.masked_fill(~any_key[:, None], 0.0)
 
 
 def nbytes(site: Site, batch, context):
