@@ -175,7 +175,7 @@ def generate(opt, input_ids: Tensor, attention_mask: Optional[Tensor] = None, ma
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = pick(pad_token_id, "pad_token_id", None)
     pad = eos[0] if pad is None and eos else pad
-    _check(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     for bad in ("num_beams", "repetition_penalty", "no_repeat_ngram_size"):
         value = getattr(cfg, bad, None)
         if value not in (None, 1, 1.0, 0):
@@ -228,7 +228,8 @@ def generate(opt, input_ids: Tensor, attention_mask: Optional[Tensor] = None, ma
     return _result(sequences, all_logits, all_scores, return_dict_in_generate, output_logits, output_scores)
 
 
-def _check(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+def check_arguments(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    """``GenerationError`` naming the first argument of a generate call that is out of range."""
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
         raise GenerationError(f"input_ids must be a [batch, length] tensor of token ids, not "
                               f"{type(ids).__name__}{list(ids.shape) if isinstance(ids, Tensor) else ''}")

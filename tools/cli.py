@@ -283,7 +283,7 @@ def cmd_generate(a) -> int:
     import torch
     from rich.console import Console
 
-    from attnforge.generate import decoder_for
+    from attnforge.generate import check_arguments, decoder_for
 
     recipe = _recipe(a)
     if a.max_new_tokens < 0:
@@ -291,6 +291,8 @@ def cmd_generate(a) -> int:
     if a.task is None and Path(a.spec).is_dir():
         a.task = "causal-lm"
     ids, tokenizer = _prompt_ids(a)
+    check_arguments(ids, None, a.max_new_tokens, a.do_sample, 1.0 if a.temperature is None else a.temperature,
+                    a.top_k, a.top_p)  # before the model is loaded and optimized
     with _Stages() as stage:
         model, opt, _, _ = _optimize(a, stage, recipe)
         stage("build the decoder")
