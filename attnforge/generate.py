@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from attnforge.passes.check import error_stats
 from attnforge.passes.decode import DecodeGraph, DecodeUnsupported, decode_graph
 from attnforge.runtime import of_op
 from attnforge.runtime.cache import POLICIES
@@ -308,7 +309,7 @@ def check_decode(opt, ids: Tensor, mask: Optional[Tensor] = None, steps: int = 4
         got = [decoder.step(ids[:, :cut], pos[:, :cut], mask[:, :cut].bool(), 0, states, ids)[:, -1:]]
         for t in range(cut, ids.shape[1] - 1):
             got.append(decoder.step(ids[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1].bool(), t, states, ids))
-    err = float((torch.cat(got, 1).float() - torch.cat(want, 1).float()).abs().max())
+    err = error_stats(torch.cat(got, 1), torch.cat(want, 1))["max_abs"]  # NaN/inf where both have them: equal
     exact = all(POLICIES[s.policy].exact_decode(s.site.params) for s in decoder.graph.sites)
     return {"positions": steps, "max_abs": err, "passed": err <= 1e-4 or not exact, "policies":
             sorted({s.policy for s in decoder.graph.sites}), "exact_policies": exact}
@@ -329,7 +330,7 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
 
     from attnforge.errors import ExportError
     from attnforge.passes.decode import export_graph
-    from attnforge.runtime.onnx import _export_failure, _quiet, translation_table
+    from attnforge.runtime.onnx import _export_failure, _quiet, save, translation_table
 
     decoder = decoder_for(opt, like if like is not None else torch.zeros(1, 8, dtype=torch.long))
     program = decoder.program
@@ -365,7 +366,7 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
                                              custom_translation_table=translation_table(opset))
     except Exception as e:  # noqa: BLE001 - the cause names the op
         raise ExportError("ONNX export of the decode step failed: " + _export_failure(e)) from e
-    onnx_program.save(str(path))
+    save(onnx_program, path)
     layout = {"file": path.name, "inputs": step.inputs, "outputs": step.outputs, "layers": []}
     for i, s in enumerate(step.sites):
         policy = POLICIES[s.policy]

@@ -35,6 +35,7 @@ from attnforge.runtime.dispatch import use_backend
 from .capture import CallForm, Uncapturable, call_form
 from .errors import AttnforgeError, CaptureError
 from .optimize import Program, build_program
+from .pt2 import load_exported, may_import
 from .recipe import Recipe, load_recipe
 from .report import MissRecord, Report, SiteRecord
 
@@ -400,9 +401,10 @@ def _export(program: Program):
         return torch.export.export(program.gm, tuple(program.example), strict=False)
 
 
-def load(path) -> OptimizedModel:
+def load(path, trust_pickle: bool = False) -> OptimizedModel:
     """Read a model written by ``attnforge.save``. It serves the call forms that were saved, at their dtype and
-    device; anything else needs the original model (optimize it again)."""
+    device; anything else needs the original model (optimize it again). The programs load as data (attnforge/pt2.py:
+    nothing unpickled, no module imported but installed ones) unless ``trust_pickle``."""
     import inspect
 
     path = Path(path)
@@ -423,9 +425,10 @@ def load(path) -> OptimizedModel:
     opt = OptimizedModel(None, recipe, meta.get("backend", "auto"), {}, None, report)
     for i, info in enumerate(meta["programs"]):
         for module in info.get("output_modules", []):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module)
-        ep = torch.export.load(io.BytesIO(archive.read(f"program_{i}.pt2")))
+            if trust_pickle or may_import(str(module)):
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module)
+        ep = load_exported(archive.read(f"program_{i}.pt2"), f"{str(path)!r} (program_{i}.pt2)", trust_pickle)
         gm = ep.module()
         for name in ("train", "eval"):
             gm.__dict__.pop(name, None)

@@ -57,8 +57,10 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     ``RecipeError``). ``example_inputs``/``example_kwargs``: a call of the model (positional, keyword, with the
     optional inputs and flags it takes); the model is captured and verified on it, and other calls are served
     too (attnforge/model.py). ``strict``: raise ``CaptureError`` when the model cannot be captured, instead of
-    returning a passthrough whose report says why (with a warning). ``backend``: "auto" (Triton kernels on CUDA
-    tensors, PyTorch kernels otherwise), "torch" or "triton" (also on CPU tensors under ``TRITON_INTERPRET=1``);
+    returning a passthrough whose report says why (with a warning), and ``RecipeError`` when a step's targets or
+    skip_first/skip_last select no site (else a warning, in ``report.warnings`` too). ``backend``: "auto"
+    (Triton kernels on CUDA tensors, PyTorch kernels otherwise), "torch" or "triton" (also on CPU tensors under
+    ``TRITON_INTERPRET=1``);
     the per-site checks and the final verification run on it too. ``dynamic``: keep batch/sequence dims
     symbolic. ``dry_run``: match and select only; the report lists the sites each step would rewrite (status
     ``planned``, all matched on the unrewritten graph) and the model is not changed or verified.
@@ -91,6 +93,11 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
         warnings.warn(f"attnforge: {type(model).__name__} was not rewritten, it runs unchanged: {e}", RuntimeWarning,
                       stacklevel=2)
         return OptimizedModel(source, recipe, backend, options, None, report)
+    for w in program.report.warnings:  # a step whose selection selects nothing
+        if strict:
+            where, _, why = w.partition(": ")
+            raise RecipeError(why, where)
+        warnings.warn(f"attnforge: {w}", RuntimeWarning, stacklevel=2)
     if not program.report.dynamic and dynamic:
         warnings.warn(f"attnforge: {type(model).__name__} was captured with static shapes: other batch sizes and "
                       f"lengths are captured again when they come ({program.report.notes[-1]})", RuntimeWarning,
@@ -173,7 +180,7 @@ def build_program(source: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, 
     report.timings["canonicalize"] = time.perf_counter() - t
     report.nodes_before = len(gm.graph.nodes)
 
-    seen_misses = set()
+    seen_misses, modules = set(), {name for name, _ in source.named_modules()}
     for i, step in enumerate(recipe.steps):
         rw, params = REGISTRY[step.rewrite], recipe.params_of(i)
         say(f"step {i + 1}/{len(recipe.steps)}: {rw.name}")
@@ -188,6 +195,9 @@ def build_program(source: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, 
                 report.misses.append(MissRecord(m.fqn, m.kind, m.reason, m.node))
         report.sites += [SiteRecord(o.site.fqn, rw.kind, rw.name, o.status, o.reason, o.site.pattern, o.error, o.info)
                          for o in outcomes]
+        warning = selection_warning(step, i, [o.site.fqn for o in outcomes], modules)
+        if warning:
+            report.warnings.append(warning)
     report.nodes_after = len(gm.graph.nodes)
 
     if verify and not dry_run:
@@ -196,6 +206,29 @@ def build_program(source: nn.Module, recipe: Recipe, args: tuple, kwargs: dict, 
         report.outputs = verify_program(captured, gm, recipe, backend)
         report.timings["verify"] = time.perf_counter() - t
     return Program(captured.form, gm, report, list(captured.inputs))
+
+
+def selection_warning(step, index: int, fqns: list[str], modules: set[str]) -> str:
+    """'' when the ``index``-th recipe step's targets and skip_first/skip_last select something; else a warning
+    that starts with the field: they leave none of the sites its rewrite found (``fqns``), or a target matches no
+    module FQN of the model (``modules``) nor any site."""
+    def few(names):
+        names = list(dict.fromkeys(n or "<root>" for n in names))
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    if fqns and (step.targets is not None or step.skip_first or step.skip_last) and not any(step.choose(fqns)):
+        if step.targets is not None and not any(step.selects(f) for f in fqns):
+            where, what = "targets", f"targets {few(repr(t)[:80] for t in step.targets)}"
+        else:
+            where = "skip_first" if step.skip_first else "skip_last"
+            what = f"skip_first={step.skip_first}, skip_last={step.skip_last}"
+        return (f"steps[{index}].{where}: {what} select none of the {len(fqns)} {step.rewrite} site"
+                f"{'s' if len(fqns) > 1 else ''} ({few(fqns)})")
+    names = modules | set(fqns)
+    for t in step.targets or []:
+        if not any(step.model_copy(update={"targets": [t]}).selects(n) for n in names):
+            return f"steps[{index}].targets: {repr(t)[:80]} matches no module of the model"
+    return ""
 
 
 def approximate(recipe: Recipe) -> bool:

@@ -36,6 +36,7 @@ class Report:
     dynamic: bool = False
     backend: str = "auto"
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # recipe steps whose selection selects nothing
     sites: list[SiteRecord] = field(default_factory=list)
     misses: list[MissRecord] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
@@ -97,6 +98,8 @@ class Report:
                               markup=False)
         for note in self.notes:
             console.print(f"note: {note}")
+        for warning in self.warnings:
+            console.print(f"warning: {warning}", markup=False)
         if self.sites:
             t = Table(title="sites", show_lines=False)
             for col in ("module", "kind", "rewrite", "status", "local rel. error", "detail"):
@@ -120,6 +123,9 @@ class Report:
                 t.add_row("[✓]" if o["passed"] else "\\[x]", o["name"], f"{o['max_abs']:.2e}", f"{o['rel']:.2e}",
                           f"{o['cosine']:.6f}", o.get("budget", ""))
             console.print(t)
+            for o in self.outputs:
+                if o.get("note") and not o["passed"]:
+                    console.print(f"[x] {o['name']}: {o['note']}", markup=False)
         if self.decode:
             d = self.decode
             if d.get("checked"):

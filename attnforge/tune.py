@@ -8,9 +8,10 @@ synthetic arguments its variant makes from a shape and name=value parameters.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnforge.codegen.autotune import Cache, Result, Tunable, tune
@@ -47,6 +48,7 @@ def synthetic_call(op: str, shape: tuple[int, ...], params: dict, dtype: torch.d
     if v.synthetic is None:
         raise AttnforgeError(f"--op {op!r}: {v.name} has no synthetic inputs; tune it with --model")
     params = dict(params)
+    _check_params(v, params)
     try:
         args = v.synthetic(shape, params, dtype, device)
     except ValueError as e:
@@ -54,6 +56,21 @@ def synthetic_call(op: str, shape: tuple[int, ...], params: dict, dtype: torch.d
     if params:
         raise AttnforgeError(f"--params: {sorted(params)} are not parameters of {v.name}")
     return v.name, args
+
+
+def _check_params(v, params: dict) -> None:
+    """Each name=value that the variant's rewrite params model declares is validated by that model's field (its
+    types and bounds, as in a recipe) before any tensor is made or any result cached."""
+    fields = getattr(v.params, "model_fields", {})
+    for name, raw in params.items():
+        info = fields.get(name) or fields.get(f"{name}_")  # block_sparse's global_ is global= on the command line
+        if info is None:
+            continue
+        try:
+            TypeAdapter(Annotated[info.annotation, info]).validate_python(raw)
+        except ValidationError as e:
+            shown = raw if len(str(raw)) <= 80 else f"{str(raw)[:77]}..."
+            raise AttnforgeError(f"--params {name}={shown}: {e.errors()[0]['msg']}") from None
 
 
 def collect(calls: list[tuple[str, tuple]], device, backend: str) -> list[Tunable]:

@@ -16,7 +16,8 @@ def compare_outputs(ref, got, tolerance=1e-4, approximate: bool = False, *, atol
     ``tolerance``: a recipe's ``VerifyConfig`` (or a plain ``atol``). Exact recipes pass an output when
     max|Δ| ≤ atol; recipes with an approximate step are judged by their quality budget instead: cosine ≥
     ``min_cosine`` and relative max error ≤ ``max_rel_error`` (each when set). Integer outputs must be equal.
-    ``row["budget"]`` says what was allowed."""
+    NaN and ±inf count as equal where both sides have them; on one side only, the output fails and
+    ``row["note"]`` says what differs (``error_stats``). ``row["budget"]`` says what was allowed."""
     tolerance = atol if atol is not None else tolerance
     atol = tolerance if isinstance(tolerance, (int, float)) else tolerance.atol
     ref_leaves, got_leaves = named_leaves(ref), named_leaves(got)
@@ -39,6 +40,7 @@ def compare_outputs(ref, got, tolerance=1e-4, approximate: bool = False, *, atol
                                                  f"rel <= {rel:g}" if rel is not None else "") if x) or "none"
         else:
             st["passed"], st["budget"] = st["max_abs"] <= atol, f"max abs <= {atol:g}"
+        st["passed"] = st["passed"] and "note" not in st  # NaN/inf on one side only fails under any budget
         st["name"] = name
         rows.append(st)
     return rows

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import tempfile
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import masks
+from . import masks, safefs
 from .autotune import Tunable, bucket, cache_dir, lookup, make_key, source_hash
 from .masks import KEEP_ALL, Expr
 
@@ -375,29 +375,34 @@ def _show(value) -> str:
 
 @functools.cache
 def _kernel_dir() -> Path:
-    """Where generated sources are written and imported from: the user's cache folder (never a shared, guessable
-    folder another user could plant files in), or a fresh private temporary folder when that is not writable."""
+    """Where generated sources are written and imported from: ``kernels/`` in the cache folder when that is safe
+    (codegen/safefs.py: a real folder of ours that no one else can write in or swap), else a fresh private
+    temporary folder (with one warning)."""
     path = cache_dir() / "kernels"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-        return path
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix="attnforge-kernels-"))
+        return safefs.use_dir(path, private=True)
+    except OSError as e:
+        fallback = Path(tempfile.mkdtemp(prefix="attnforge-kernels-"))
+        warnings.warn(f"attnforge: {e}; generated kernels go to the private folder {fallback} instead",
+                      RuntimeWarning, stacklevel=2)
+        return fallback
 
 
 @functools.lru_cache(maxsize=None)
 def compile_spec(spec: AttentionSpec):
-    """The module of ``spec``'s kernels (written to a file named by its hash, imported once per process)."""
+    """The module of ``spec``'s kernels (written to a file named by its hash, imported once per process). Only a
+    regular file of ours holding exactly this source is imported: anything else at that name is replaced."""
     text = source(spec)
     digest = source_hash(text)
-    path = _kernel_dir() / f"{spec.name}_{digest}.py"
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    folder = _kernel_dir()
+    path = folder / f"{spec.name}_{digest}.py"
+    try:
+        same = safefs.read_regular(path, private=True) == text.encode()
+    except ValueError:
+        same = False
+    if not same:
+        safefs.clean_stale(folder, ".*.tmp")
+        safefs.replace(path, text.encode())
     module_spec = importlib.util.spec_from_file_location(f"attnforge_kernels.{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -3,9 +3,11 @@
 A cache entry is keyed by everything that can change the answer: device name and capability, torch and triton
 versions, the kernel's name and source hash, dtype, and a shape bucket (lengths rounded up to powers of two).
 The file (``$ATTNFORGE_CACHE_DIR/autotune.json``, default ``~/.cache/attnforge``) is rewritten whole under a
-file lock through a temporary file and ``os.replace``: concurrent tuners never lose each other's entries and
-readers never see half a file. A file that does not parse is moved aside with a warning and rebuilt.
-``lookup`` never raises: a broken cache costs the default config, never the model.
+file lock through a temporary file with a random name and ``os.replace`` (codegen/safefs.py): concurrent tuners
+never lose each other's entries, readers never see half a file, and the file keeps its permissions. A file that
+is not a valid cache (any bytes, depth or field types) is moved aside as it is, with a warning, and rebuilt; a
+folder that cannot be used turns the cache into an in-memory one, with a warning. ``lookup`` never raises: a
+broken cache costs the default config, never the model.
 
 Kernels take part through the variant registry (runtime/registry.py): each variant's ``tunables(args, device,
 backend)`` returns the ``Tunable`` kernels one call would run (key, default, search space and a closure that
@@ -17,10 +19,10 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ import torch
 from filelock import FileLock
 
 from attnforge.errors import CacheError
+
+from . import safefs
 
 ENV = "ATTNFORGE_CACHE_DIR"
 FILENAME = "autotune.json"
@@ -114,25 +118,71 @@ class CorruptCache(CacheError):
     """The cache file does not parse as a cache (it is set aside and rebuilt, never raised to the user)."""
 
 
+def _is_config(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x))
+                                       for x in v.values())
+
+
+def _is_ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "config": _is_config, "ms": _is_ms, "default": _is_config, "default_ms": _is_ms,
+    "tried": lambda v: isinstance(v, int) and not isinstance(v, bool), "complete": lambda v: isinstance(v, bool),
+    **{name: lambda v: isinstance(v, str) for name in ("kernel", "shape", "dtype", "device", "tuned_at")}}
+_REQUIRED = ("config", "ms")
+_WANT = {"config": "an object of numbers and strings", "default": "an object of numbers and strings",
+         "ms": "a finite number >= 0", "default_ms": "a finite number >= 0", "tried": "an integer",
+         "complete": "true or false"}
+
+
+def entry_problem(entry) -> Optional[str]:
+    """What is wrong with one cache entry (a field the code reads has the wrong type), or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    for name, ok in _FIELDS.items():
+        if (name in entry or name in _REQUIRED) and not ok(entry.get(name)):
+            return f"{name} is {'missing' if name not in entry else 'not ' + _WANT.get(name, 'a string')}"
+    return None
+
+
+def _excerpt(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 class Cache:
-    """The JSON cache file: ``{"format": 1, "entries": {str(key): entry}}``."""
+    """The JSON cache file: ``{"format": 1, "entries": {str(key): entry}}``.
+
+    When its folder cannot be used (read-only, not a folder, unsafe: see codegen/safefs.py), the cache warns once
+    and lives in memory for the rest of the process: this run's results are kept, nothing is written."""
 
     def __init__(self, directory: Optional[str | os.PathLike] = None):
         self.dir = cache_dir(directory)
         self.path = self.dir / FILENAME
         self._lock = FileLock(str(self.path) + ".lock", timeout=120)
         self._seen: tuple[Any, dict] = (None, {})  # (stat of the file read last, its entries)
+        self._dir_ok = False
+        self.memory: Optional[dict[str, dict]] = None  # the entries, once the folder proved unusable
 
     def entries(self) -> dict[str, dict]:
-        """Every entry (re-read only when the file changed). A corrupt file is set aside, and reads as empty."""
-        sig = self._signature()
-        if sig is not None and sig == self._seen[0]:
-            return self._seen[1]
+        """Every entry (re-read only when the file changed). A corrupt file is set aside, and reads as the entries
+        in it that are valid (often none)."""
+        if self.memory is not None:
+            return self.memory
+        entries: dict[str, dict] = {}
         try:
-            entries = self._read()
-        except CorruptCache:
-            with self._lock:
-                entries = self._read_or_set_aside()
+            if not self._usable(create=False):
+                return {}
+            sig = self._signature()
+            if sig is not None and sig == self._seen[0]:
+                return self._seen[1]
+            entries, problem = self._read()
+            if problem is not None:
+                with self._lock:
+                    entries = self._read_or_set_aside()
+        except OSError as e:
+            return self._unusable(e, entries)
         self._seen = (sig, entries)  # the stat taken before the read: a newer file is re-read next time
         return entries
 
@@ -140,62 +190,102 @@ class Cache:
         return self.entries().get(str(key))
 
     def put(self, key: Key | str, entry: dict) -> None:
-        """Add or replace one entry: read, merge and write back under the lock, atomically. ``CacheError`` (naming
-        the file) when the folder cannot be written."""
-        try:
-            self._put(key, entry)
-        except OSError as e:
-            if isinstance(e, CacheError):
-                raise
-            raise CacheError(f"cannot write the autotune cache {self.path}: {type(e).__name__}: {e}") from e
-
-    def _put(self, key, entry) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            entries = dict(self._read_or_set_aside())
-            entries[str(key)] = entry
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".autotune.", suffix=".tmp")
+        """Add or replace one entry: read, merge and write back under the lock, atomically. When the folder
+        cannot be written the entry is kept in memory (with one warning): a run never loses its results."""
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise ValueError(f"not a cache entry: {problem}")
+        if self.memory is None:
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        self._seen = (None, {})
+                self._usable(create=True)
+                with self._lock:
+                    entries = dict(self._read_or_set_aside())
+                    entries[str(key)] = entry
+                    self._write(entries)
+                self._seen = (None, {})
+                return
+            except OSError as e:
+                self._unusable(e)
+        self.memory[str(key)] = entry
+
+    def _usable(self, create: bool) -> bool:
+        """Whether the folder exists (made, 0700, when ``create``) and is safe to use; ``CacheError`` if not."""
+        if not self._dir_ok:
+            if not create:
+                try:
+                    os.lstat(self.dir)
+                except FileNotFoundError:  # no cache yet (a path through a file is an error, though)
+                    return False
+            safefs.use_dir(self.dir, private=False)
+            self._dir_ok = True
+        return True
+
+    def _unusable(self, error: OSError, entries: Optional[dict] = None) -> dict[str, dict]:
+        """Go on in memory (with the entries read so far), warning once."""
+        self.memory = dict(self._seen[1] if entries is None else entries)
+        warnings.warn(f"attnforge: cannot use the autotune cache {self.path} ({error}); keeping this run's "
+                      "results in memory only", RuntimeWarning, stacklevel=3)
+        return self.memory
 
     def _signature(self):
         try:
-            st = self.path.stat()
+            st = os.lstat(self.path)
         except FileNotFoundError:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def _read(self) -> dict[str, dict]:
+    def _read(self) -> tuple[dict[str, dict], Optional[str]]:
+        """(the valid entries, what is wrong with the file or None). Only ``OSError`` (an unreadable folder)
+        escapes: any content, however broken, is a problem to report."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise CorruptCache(f"not JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
-            raise CorruptCache(f"not an attnforge autotune cache of format {FORMAT}")
-        return data["entries"]
+            data = safefs.read_regular(self.path)
+            if data is None:
+                return {}, None
+            doc = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return {}, "not UTF-8 text"
+        except RecursionError:
+            return {}, "JSON nested too deeply"
+        except ValueError as e:  # not JSON, or not a regular file
+            return {}, f"not JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+        if (not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT
+                or not isinstance(doc.get("entries"), dict)):
+            return {}, f"not an attnforge autotune cache of format {FORMAT}"
+        entries, bad = {}, []
+        for key, entry in doc["entries"].items():
+            problem = entry_problem(entry)
+            if problem is None:
+                entries[key] = entry
+            else:
+                bad.append(f"entry {_excerpt(key)}: {problem}")
+        if bad:
+            return entries, f"{bad[0]}; {len(bad)} of {len(doc['entries'])} entries are invalid"
+        return entries, None
 
     def _read_or_set_aside(self) -> dict[str, dict]:
-        """Under the lock: the entries, or {} after moving an unreadable file aside (nothing is deleted)."""
-        try:
-            return self._read()
-        except CorruptCache as e:
-            aside = self.path.with_name(f"autotune.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
-            os.replace(self.path, aside)
-            warnings.warn(f"attnforge: the autotune cache {self.path} was unreadable ({e}); moved it to {aside} "
-                          "and started a new one", RuntimeWarning, stacklevel=3)
-            return {}
+        """Under the lock: the entries. A corrupt file is first moved aside as it is (nothing is deleted), and a
+        new file holds its valid entries, if any."""
+        entries, problem = self._read()
+        if problem is None:
+            return entries
+        stamp, n = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 0
+        aside = self.path.with_name(f"autotune.corrupt-{stamp}.json")
+        while os.path.lexists(aside):
+            n += 1
+            aside = self.path.with_name(f"autotune.corrupt-{stamp}-{n}.json")
+        os.replace(self.path, aside)
+        kept = f"with its {len(entries)} valid entries" if entries else ""
+        warnings.warn(f"attnforge: the autotune cache {self.path} was unreadable ({problem}); moved it to {aside} "
+                      f"and started a new one {kept}".rstrip(), RuntimeWarning, stacklevel=4)
+        if entries:
+            self._write(entries)
+        return entries
+
+    def _write(self, entries: dict[str, dict]) -> None:
+        """Under the lock: replace the file (keeping its permissions), removing killed writers' leftovers."""
+        safefs.clean_stale(self.dir, ".autotune.*.tmp")
+        text = json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True, allow_nan=False)
+        safefs.replace(self.path, text.encode("utf-8"), keep_mode=True)
 
 
 @functools.lru_cache(maxsize=8)

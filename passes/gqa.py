@@ -33,13 +33,14 @@ from torch.fx.node import map_arg
 from attnforge.patterns import AttentionSite, Projection
 from attnforge.patterns.graph import aten, shape
 from attnforge.patterns.projections import trace_projection
+from attnforge.runtime.params import Int
 
 from . import fuse_attention
 from .base import ParamError, Params, RewritePass, SkipSite, register
 
 
 class GQAParams(Params):
-    kv_heads: int = Field(ge=1, description="key/value heads per site afterwards; must divide the query heads")
+    kv_heads: Int = Field(ge=1, description="key/value heads per site afterwards; must divide the query heads")
     pooling: Literal["mean", "norm", "cluster"] = Field(
         default="mean", description="mean of each group (GQA), key-norm weighted mean, or groups by key similarity")
 

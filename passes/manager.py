@@ -115,7 +115,8 @@ def _rewrite_site(gm, rewrite, site, params, env, rtol, backend) -> Outcome:
     if failure or (rewrite.exact and too_far):
         edit.rollback()
         outcome.status = "rolled_back"
-        outcome.reason = failure or f"relative error {outcome.error['rel']:.2e} > rtol {rtol:g} for an exact rewrite"
+        outcome.reason = failure or outcome.error.get("note") or \
+            f"relative error {outcome.error['rel']:.2e} > rtol {rtol:g} for an exact rewrite"
     return outcome
 
 

@@ -22,13 +22,14 @@ from .blockwise import attend_predicate
 from .cache import CachePolicy, attend_keys, prefill_mask, register_policy
 from .common import attention_cost, predicate_reference, qkv_inputs, same_as_q
 from .onnx import predicate_attention
+from .params import Tokens
 from .registry import Params, Variant, param, register
 
 BLOCK = 64  # tile of the PyTorch and Triton kernels
 
 
 class ChunkedParams(Params):
-    chunk: int = Field(gt=0, description="tokens per chunk: a query sees only the keys of its own chunk")
+    chunk: Tokens = Field(gt=0, description="tokens per chunk: a query sees only the keys of its own chunk")
 
 
 def predicate(chunk: int, causal: bool) -> masks.Expr:

@@ -177,8 +177,15 @@ def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path
     except Exception as e:  # noqa: BLE001 - the cause names the op
         raise ExportError("ONNX export failed: " + _export_failure(e)) from e
     path = Path(path)
-    program.save(str(path))
+    save(program, path)
     return path
+
+
+def save(program, path) -> None:
+    """Write an exported program, marked as attnforge's (``metadata_props["producer"]``: the CLI overwrites
+    such a file from an earlier run without ``--force``, tools/outputs.py)."""
+    program.model.metadata_props["producer"] = "attnforge"
+    program.save(str(path))
 
 
 def _dynamic_dims(gm: torch.fx.GraphModule, names: list[str]) -> dict:

@@ -1,12 +1,13 @@
 """``attnforge`` command line (docs/cli.md): ``rewrite``, ``diff``, ``generate``, ``recipes``, ``autotune``,
 ``codegen``, ``bench``.
 
-Every ``AttnforgeError`` (attnforge/errors.py: a bad recipe, spec, shape or option, an export that failed, an
-unusable cache) exits with code 2 and a message naming the problem."""
+Every ``AttnforgeError`` (attnforge/errors.py: a bad recipe, spec, shape or option, an export that failed) exits
+with code 2 and a message naming the problem (an unusable autotune cache warns, and the run goes on in memory)."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -74,7 +75,8 @@ def _optimize(a, stage, recipe, **options):
     from attnforge.optimize import optimize
 
     stage(f"load {a.spec}")
-    model, args, kwargs = load_spec(a.spec, parse_shape(a.input_shape), a.task)
+    model, args, kwargs = load_spec(a.spec, parse_shape(a.input_shape), a.task,
+                                    trust_pickle=getattr(a, "trust_pickle", False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the ✗ on the capture line and the report say it
         opt = optimize(model, recipe, args, kwargs, strict=a.strict, progress=stage, **options)
@@ -92,8 +94,29 @@ def _diff(a, stage, model, opt, args, kwargs) -> dict:
 
 
 def _write(path: str, text: str, console) -> None:
-    Path(path).write_text(text, encoding="utf-8")
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise AttnforgeError(f"cannot write {path}: {e.strerror or e}") from None
     console.print(f"written: {path}", markup=False)
+
+
+def _check_outputs(a, outputs: dict, folder: str = "") -> None:
+    """The command's output paths, before any work (tools/outputs.py): against its inputs and each other."""
+    from attnforge.tools.outputs import check_outputs, spec_inputs
+
+    try:
+        recipe = [Path(a.recipe)] if Path(a.recipe).is_file() else []
+    except OSError:  # a name too long for the system: no file of ours, and load_recipe says why
+        recipe = []
+    inputs = spec_inputs(a.spec) + recipe
+    check_outputs(outputs, inputs, a.force, folder)
+
+
+def _warn(report) -> None:
+    """The report's warnings (a recipe step that selects nothing) on stderr."""
+    for w in report.warnings:
+        print(f"attnforge: warning: {w}", file=sys.stderr)
 
 
 def cmd_rewrite(a) -> int:
@@ -109,6 +132,8 @@ def cmd_rewrite(a) -> int:
     generation = (a.task or "").replace("_", "-") == "text-generation"
     if generation:
         a.task = "causal-lm"
+    written = {"-o": a.output, "--report": a.report} if not a.dry_run else {}  # a dry run writes only --json
+    _check_outputs(a, {**written, "--json": a.json}, folder="-o" if generation else "")
     onnx_rows, export_error, export_notes = None, "", []
     with _Stages() as stage:
         model, opt, args, kwargs = _optimize(a, stage, recipe, dry_run=a.dry_run)
@@ -139,6 +164,7 @@ def cmd_rewrite(a) -> int:
             except ExportError as e:
                 export_error = str(e)
         diff = _diff(a, stage, model, opt, args, kwargs) if a.report and not a.dry_run and opt.graph_module else None
+    _warn(opt.report)
     out = Console(width=120)
     report = opt.report
     report.render(out)
@@ -151,9 +177,10 @@ def cmd_rewrite(a) -> int:
         out.print(f"ONNX {a.output} (opset {a.opset}{', static shapes' if a.static or export_notes else ''}) in "
                   f"onnxruntime vs the rewritten model, atol {recipe.verify.atol:g}:", markup=False)
         for o in onnx_rows:
-            out.print(f"{'[✓]' if o['passed'] else '[x]'} {o['name']}: max diff {o['max_abs']:.2e}", markup=False)
+            out.print(f"{'[✓]' if o['passed'] else '[x]'} {o['name']}: max diff {o['max_abs']:.2e}"
+                      + (f" ({o['note']})" if o.get("note") else ""), markup=False)
     if a.json:
-        data = report.to_dict()
+        data = {**report.to_dict(), "producer": "attnforge"}  # the marker tools/outputs.py looks for
         if a.output and not a.dry_run:
             data["onnx"] = {"path": a.output, "opset": a.opset, "error": export_error, "outputs": onnx_rows or []}
         _write(a.json, json.dumps(_finite(data), indent=2, default=str), out)
@@ -176,6 +203,7 @@ def _export_decode(a, stage, opt) -> list[dict]:
     import torch
 
     from attnforge.generate import GenerationError, export_decode_onnx, onnx_greedy
+    from attnforge.verify import error_stats
 
     stage(f"export the decode step to {a.output}/model.onnx, opset {a.opset}")
     try:
@@ -190,7 +218,7 @@ def _export_decode(a, stage, opt) -> list[dict]:
     want = opt.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True,
                         output_logits=True)
     got, logits = onnx_greedy(a.output, ids, mask, 8)
-    worst = max(float((g - w).abs().max()) for g, w in zip(logits, want.logits))
+    worst = max(error_stats(g, w)["max_abs"] for g, w in zip(logits, want.logits))
     policies = ", ".join(sorted({layer["policy"] for layer in layout["layers"]}))
     return [{"name": f"greedy tokens, 8 steps, batch 2 left-padded ({policies} cache)",
              "passed": bool(torch.equal(got, want.sequences)), "max_abs": worst}]
@@ -297,6 +325,7 @@ def cmd_generate(a) -> int:
         model, opt, _, _ = _optimize(a, stage, recipe)
         stage("build the decoder")
         decoder_for(opt, ids)
+    _warn(opt.report)
     err = Console(stderr=True)
     if a.seed is not None:
         torch.manual_seed(a.seed)
@@ -327,6 +356,7 @@ def cmd_diff(a) -> int:
     from attnforge.tools.diff import render_text
 
     recipe = _recipe(a)
+    _check_outputs(a, {"--json": a.json, "--html": a.html})
     with _Stages() as stage:
         model, opt, args, kwargs = _optimize(a, stage, recipe)
         if opt.graph_module is None:
@@ -334,6 +364,7 @@ def cmd_diff(a) -> int:
                   file=sys.stderr)
             return 1
         diff = _diff(a, stage, model, opt, args, kwargs)
+    _warn(opt.report)
     out = Console(width=140)
     render_text(diff, out)
     if a.json:
@@ -358,6 +389,20 @@ def cmd_recipes(a) -> int:
         steps = " -> ".join(step(s) for s in r["steps"])
         print(f"{name:16} {steps}\n{'':16} {r['description']}")
     return 0
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _seconds(text: str) -> float:
+    """--budget: a finite number of seconds above 0 (nan or inf would silently mean no budget)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, not {text[:80]!r}")
+    return value
 
 
 def _params(text: str | None) -> dict:
@@ -396,11 +441,7 @@ def cmd_autotune(a) -> int:
         check_backend(backend)
     except (ValueError, RuntimeError) as e:
         raise AttnforgeError(f"--backend {backend}: {e}") from None
-    if a.budget is not None and a.budget <= 0:
-        raise AttnforgeError(f"--budget {a.budget}: must be a positive number of seconds")
-    dtype = getattr(torch, a.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise AttnforgeError(f"--dtype {a.dtype!r}: expected float32, float16 or bfloat16")
+    dtype = getattr(torch, a.dtype)  # one of DTYPES (argparse checked it, and --budget)
     with _Stages() as stage:
         if a.model:
             from attnforge.recipe import load_recipe
@@ -439,7 +480,7 @@ def cmd_autotune(a) -> int:
 
         results = tune_all(tunables, cache, a.budget, a.reps, progress)
     table = Table(title=f"autotune on {tunables[0].key.device} ({tunables[0].key.capability}), backend {backend}; "
-                        f"cache {cache.path}")
+                        f"cache {cache.path}" + (" (not written: in memory only)" if cache.memory is not None else ""))
     for col in ("kernel", "shape", "dtype", "default", "best", "default ms", "best ms", "speedup", "tried"):
         table.add_column(col, justify="right" if "ms" in col or col in ("speedup", "tried") else "left")
     for r in results:
@@ -463,17 +504,22 @@ def _config_text(config: dict) -> str:
 
 def _show_cache(cache, out) -> int:
     from rich.table import Table
+    from rich.text import Text
 
-    entries = cache.entries()
+    def cell(value) -> Text:  # the file's text as it is (no markup), at most 80 characters
+        value = str(value)
+        return Text(value if len(value) <= 80 else value[:77] + "...")
+
+    entries = cache.entries()  # valid entries only (codegen/autotune.py: a corrupt file is set aside)
     table = Table(title=f"{cache.path}: {len(entries)} entries")
     for col in ("device", "kernel", "shape", "dtype", "config", "ms", "speedup", "tuned at"):
         table.add_column(col, justify="right" if col in ("ms", "speedup") else "left")
     for key, e in sorted(entries.items()):
-        device = key.split("|", 2)
-        ratio = e.get("default_ms", float("nan")) / e["ms"] if e.get("ms") else float("nan")
-        table.add_row(f"{device[0]} ({device[1]})", e.get("kernel", "?"), e.get("shape", "?"), e.get("dtype", "?"),
-                      _config_text(e.get("config") or {}), f"{e.get('ms', float('nan')):.3f}", f"{ratio:.2f}x",
-                      e.get("tuned_at", ""))
+        device = (key.split("|", 2) + ["?", "?"])[:2]
+        ratio = e.get("default_ms", float("nan")) / e["ms"] if e["ms"] else float("nan")
+        table.add_row(cell(f"{device[0]} ({device[1]})"), cell(e.get("kernel", "?")), cell(e.get("shape", "?")),
+                      cell(e.get("dtype", "?")), cell(_config_text(e["config"])), f"{e['ms']:.3f}", f"{ratio:.2f}x",
+                      cell(e.get("tuned_at", "")))
     out.print(table)
     return 0
 
@@ -504,6 +550,10 @@ def _tunable_ops() -> list[str]:
     return sorted(v.rewrite or v.name for v in VARIANTS.values() if v.synthetic is not None)
 
 
+_TRUST_PICKLE = ("let a .pt2 spec unpickle objects and run what its archive asks (only for a file you trust; "
+                 "by default an archive that needs it is refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="Rewrite the attention of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -514,9 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--input-shape", help="example input size, e.g. 2,32, when the spec brings no inputs")
     model.add_argument("--task", help="Hugging Face head for a model folder: causal-lm, masked-lm, ... "
                                       "(default: the bare AutoModel)")
-    model.add_argument("--strict", action="store_true", help="fail when the model cannot be captured")
+    model.add_argument("--strict", action="store_true", help="fail (exit 2) when the model cannot be captured or a "
+                                                             "recipe step's targets/skip_* select no site")
+    model.add_argument("--trust-pickle", action="store_true", help=_TRUST_PICKLE)
+    force = argparse.ArgumentParser(add_help=False)
+    force.add_argument("--force", action="store_true", help="overwrite existing output files that attnforge did not "
+                                                            "write")
 
-    r = sub.add_parser("rewrite", parents=[model], help="capture, rewrite, verify; export ONNX and check it")
+    r = sub.add_parser("rewrite", parents=[model, force], help="capture, rewrite, verify; export ONNX and check it")
     r.add_argument("-o", "--output", help="ONNX file to write, then run in onnxruntime against the rewritten model "
                                           "(with --task text-generation: a folder for the decode step)")
     r.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: the Attention op; >= 18)")
@@ -527,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="show matches and planned rewrites, apply nothing")
     r.set_defaults(fn=cmd_rewrite)
 
-    d = sub.add_parser("diff", parents=[model], help="what a recipe changes: sites, graph regions, FLOPs, memory")
+    d = sub.add_parser("diff", parents=[model, force], help="what a recipe changes: sites, graph regions, FLOPs, memory")
     d.add_argument("--html", help="write the self-contained HTML report to this file")
     d.add_argument("--json", help="write the diff as JSON (docs/report-schema.md) to this file")
     d.set_defaults(fn=cmd_diff)
@@ -554,15 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="exact", help="recipe for --model (default: exact)")
     t.add_argument("--input-shape", help="example input size for --model, e.g. 1,4096")
     t.add_argument("--task", help="Hugging Face head for a model folder")
+    t.add_argument("--trust-pickle", action="store_true", help=_TRUST_PICKLE)
     t.add_argument("--op", help="tune one op instead: " + ", ".join(_tunable_ops()) + " (an op or rewrite name)")
     t.add_argument("--shapes", nargs="+", help="--op input shapes: BxHxNxD (attention ops) or ROWSxD_IN (ffn)")
     t.add_argument("--params", help="--op parameters, e.g. window=512,sinks=4,kv_heads=2,causal=1")
-    t.add_argument("--dtype", default="float32", help="--op/--model dtype (default float32)")
+    t.add_argument("--dtype", default="float32", choices=DTYPES, help="--op/--model dtype (default float32)")
     t.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     t.add_argument("--backend", choices=("torch", "triton"),
                    help="kernels to tune (default: triton on cuda, torch on cpu; triton on cpu needs TRITON_INTERPRET=1)")
     t.add_argument("--cache", help="cache folder (default: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge)")
-    t.add_argument("--budget", type=float, help="seconds for the whole search, shared among the kernels")
+    t.add_argument("--budget", type=_seconds, help="seconds for the whole search, shared among the kernels")
     t.add_argument("--reps", type=int, default=5, help="timed runs per config; the median counts (default 5)")
     t.add_argument("--show", action="store_true", help="list the cache and exit")
     t.set_defaults(fn=cmd_autotune, strict=True, atol=None, model=None)

@@ -43,7 +43,8 @@ def build_diff(before: GraphModule, opt, model_name: str = "") -> dict:
            "flops": {side: quantity(_total(gm.graph.nodes, node_flops)) for side, gm in (("before", before),
                                                                                          ("after", after))},
            "sites": [], "misses": [{"fqn": m.fqn, "kind": m.kind, "reason": m.reason} for m in report.misses],
-           "outputs": _finite(report.outputs), "passed": report.passed, "uncounted_ops": []}
+           "outputs": _finite(report.outputs), "passed": report.passed, "uncounted_ops": [],
+           "warnings": list(report.warnings), "producer": "attnforge"}
     removed, added = _changed(before, after)
     applied = sorted({s.fqn for s in report.sites if s.status == "applied"}, key=len, reverse=True)
     regions = {f: ([], []) for f in applied}
@@ -290,7 +291,10 @@ def render_text(diff: dict, console) -> None:
     console.print(t)
     for o in diff["outputs"]:
         console.print(f"{'[✓]' if o['passed'] else '[x]'} {o['name']}: max abs error {fmt_num(o['max_abs'])} "
-                      f"(rel {fmt_num(o['rel'])}) vs the original", markup=False)
+                      f"(rel {fmt_num(o['rel'])}) vs the original" + (f": {o['note']}" if o.get("note") else ""),
+                      markup=False)
+    for w in diff.get("warnings", []):
+        console.print(f"warning: {w}", markup=False)
 
 
 def fmt_quantity(q: dict) -> str:

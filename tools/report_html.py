@@ -33,7 +33,8 @@ def render_html(diff: dict) -> str:
     """The whole page for a diff dict (schema in docs/report-schema.md)."""
     e = html.escape
     ok = diff["passed"]
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>attnforge diff: {e(diff['model'])}"
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='generator' content='attnforge'>"
+             f"<title>attnforge diff: {e(diff['model'])}"
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>attnforge diff: <code>{e(diff['model'])}</code> with recipe <code>{e(diff['recipe'])}</code></h1>",
              f"<p class='{'pass' if ok else 'fail'}'>"

@@ -11,6 +11,7 @@ import sympy
 from pydantic import Field, model_validator
 
 from ..common import attention_cost, causal_pairs, qkv_inputs, same_as_q
+from ..params import Int, Seed, Tokens
 from ..registry import Params, Variant, param, register
 from .cache import BLOCKS
 from .cpu import block_sparse_cpu
@@ -20,12 +21,12 @@ from .reference import block_sparse_attention as reference
 
 
 class BlockSparseParams(Params):
-    block: int = Field(default=64, gt=0, description="block size (queries and keys)")
-    local: int = Field(default=3, ge=0, description="static: blocks around the diagonal (causal: ending at it)")
-    global_: int = Field(default=1, ge=0, description="static: first blocks every query sees")
-    random: int = Field(default=0, ge=0, description="static: extra seeded random blocks per query block")
-    seed: int = Field(default=0, description="static: seed of the random blocks")
-    topk: int | None = Field(default=None, ge=1, description="dynamic: KV blocks kept per query block by pooled q·k")
+    block: Tokens = Field(default=64, gt=0, description="block size (queries and keys)")
+    local: Int = Field(default=3, ge=0, description="static: blocks around the diagonal (causal: ending at it)")
+    global_: Int = Field(default=1, ge=0, description="static: first blocks every query sees")
+    random: Int = Field(default=0, ge=0, description="static: extra seeded random blocks per query block")
+    seed: Seed = Field(default=0, description="static: seed of the random blocks")
+    topk: Int | None = Field(default=None, ge=1, description="dynamic: KV blocks kept per query block by pooled q·k")
 
     @model_validator(mode="after")
     def _layout(self):

@@ -23,6 +23,7 @@ import sympy
 import torch
 from pydantic import Field, field_validator
 
+from ..params import Float, Int, Integer, Seed
 from ..registry import Cost, Params, Shaped, Variant, io_bytes, register
 from .cpu import engram_embed_cpu
 from .hashing import LAYER_SEED_STRIDE, engram_multipliers, engram_primes, engram_rows, offsets  # noqa: F401
@@ -30,24 +31,54 @@ from .memory import EngramMemory  # noqa: F401
 from .onnx import engram_embed_onnx
 
 
+MAX_ORDER = 32  # the kernels read n ids per position for order n (the Triton kernel unrolls that loop)
+MAX_HASH_HEADS = 65535  # the Triton kernel runs one program per hash head on the grid's third axis (CUDA: 65535)
+MAX_DIM = 16384  # one Triton program holds 64 positions × dim (rounded up to a power of two) values: 2**20 at most
+MAX_TABLE_BYTES = 64 * 2 ** 30  # one insertion's table, float32: Σ primes (≈ hash heads × table_size) × dim × 4
+
+
 class EngramParams(Params):
-    ngram: list[int] = Field(default=[2, 3], min_length=1, description="N-gram orders (each ≥ 1)")
-    heads: int = Field(default=4, ge=1, description="hash heads per order")
-    dim: int = Field(default=16, ge=1, description="embedding width of each head")
-    table_size: int = Field(default=10007, ge=2,
-                            description="rows per head: the heads' moduli are distinct primes ≥ this")
-    layers: list[int] | None = Field(default=None, description="layer indices (graph order, negative from the end); "
+    ngram: list[Int] = Field(default=[2, 3], min_length=1, description=f"N-gram orders (each 1 to {MAX_ORDER})")
+    heads: Int = Field(default=4, ge=1, description=f"hash heads per order (all orders: at most {MAX_HASH_HEADS})")
+    dim: Int = Field(default=16, ge=1, le=MAX_DIM, description="embedding width of each head")
+    table_size: Integer = Field(default=10007, ge=2, description="rows per head: the heads' moduli are distinct "
+                                f"primes ≥ this (the whole table: at most {MAX_TABLE_BYTES // 2 ** 30} GiB)")
+    layers: list[Int] | None = Field(default=None, description="layer indices (graph order, negative from the end); "
                                                                 "absent: every layer the step's targets select")
-    pad_id: int = Field(default=0, ge=0, description="token id used for positions before the start")
-    seed: int = Field(default=0, description="seeds the multipliers (seed + 10007·layer) and the initial weights")
+    pad_id: Int = Field(default=0, ge=0, description="token id used for positions before the start")
+    seed: Seed = Field(default=0, description="seeds the multipliers (seed + 10007·layer) and the initial weights")
     offload: Literal["none", "cpu"] = Field(default="none", description="cpu: tables stay in host memory")
-    eps: float = Field(default=1e-6, gt=0, description="RMSNorm epsilon")
+    eps: Float = Field(default=1e-6, gt=0, description="RMSNorm epsilon")
 
     @field_validator("ngram")
     @classmethod
     def _orders(cls, v):
         if any(n < 1 for n in v) or len(set(v)) != len(v):
             raise ValueError("N-gram orders must be distinct and ≥ 1")
+        if max(v) > MAX_ORDER:
+            raise ValueError(f"N-gram orders must be at most {MAX_ORDER}")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _hash_heads(cls, v, info):
+        orders = len(info.data.get("ngram") or [1])
+        if orders * v > MAX_HASH_HEADS:
+            raise ValueError(f"{orders} orders × {v} heads is {orders * v} hash heads; the kernels take at most "
+                             f"{MAX_HASH_HEADS}")
+        return v
+
+    @field_validator("table_size")
+    @classmethod
+    def _table_bytes(cls, v, info):
+        if not {"ngram", "heads", "dim"} <= set(info.data):
+            return v  # an earlier field is invalid and reported
+        hash_heads, dim = len(info.data["ngram"]) * info.data["heads"], info.data["dim"]
+        need = hash_heads * v * dim * 4
+        if need > MAX_TABLE_BYTES:
+            raise ValueError(f"the table would take about {need / 2 ** 30:,.0f} GiB ({need} bytes: {hash_heads} "
+                             f"hash heads × {v} rows × dim {dim} × 4 bytes) per layer; at most "
+                             f"{MAX_TABLE_BYTES // 2 ** 30} GiB ({MAX_TABLE_BYTES} bytes)")
         return v
 
 

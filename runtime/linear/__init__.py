@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from attnforge.errors import AttnforgeError
 
 from ..common import attention_cost, qkv_inputs, same_as_q
+from ..params import Float, Int, Seed, Tokens
 from ..registry import Cost, Params, Variant, param, register
 from . import cpu
 from .cache import RECURRENT
@@ -40,17 +41,18 @@ from .reference import linear_attention as reference
 from .reference import softmax_attention  # noqa: F401
 
 PERFORMER_FEATURES = 256  # ≈ D·ln D random features for D = 64 (the Performer paper's choice)
+PERFORMER_MAX_FEATURES = 2 ** 16  # φ(q), φ(k) hold N × features floats per head: 65536 is already 256 KiB a token
 
 
 class LinearParams(Params):
     feature_map: Literal["elu", "relu", "cosine", "taylor", "performer", "hedgehog"] = Field(
         description="φ: elu, relu, cosine, taylor (BASED), performer (FAVOR+), hedgehog (learnable)")
-    window: int = Field(default=0, ge=0, description="> 0: exact softmax over the last `window` keys, linear "
+    window: Tokens = Field(default=0, ge=0, description="> 0: exact softmax over the last `window` keys, linear "
                                                      "attention over the rest (LoLCATs/BASED hybrid)")
-    features: Optional[int] = Field(default=None, ge=1, description=f"performer: random features (default "
-                                                                    f"{PERFORMER_FEATURES})")
-    seed: int = Field(default=0, description="performer: seed of the random features")
-    eps: float = Field(default=1e-6, gt=0, description="added to the normaliser φ(q)·Σφ(k)")
+    features: Optional[Int] = Field(default=None, ge=1, le=PERFORMER_MAX_FEATURES, description=f"performer: random "
+                                    f"features (default {PERFORMER_FEATURES}, at most {PERFORMER_MAX_FEATURES})")
+    seed: Seed = Field(default=0, description="performer: seed of the random features")
+    eps: Float = Field(default=1e-6, gt=0, description="added to the normaliser φ(q)·Σφ(k)")
 
     @field_validator("features")
     @classmethod

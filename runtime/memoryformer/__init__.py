@@ -30,6 +30,7 @@ from typing import Literal
 import sympy
 from pydantic import Field, field_validator
 
+from ..params import Float, Int
 from ..registry import Cost, Params, Shaped, Variant, io_bytes, register
 from .cpu import memory_hash, memory_layer_cpu  # noqa: F401
 from .onnx import memory_layer_onnx
@@ -39,14 +40,14 @@ ROLES = ("up", "gate", "down", "q", "k", "v")
 
 
 class MemoryFormerParams(Params):
-    tau: int = Field(default=8, ge=1, le=16, description="bits per chunk: K = d/tau chunks, 2^tau rows per table")
+    tau: Int = Field(default=8, ge=1, le=16, description="bits per chunk: K = d/tau chunks, 2^tau rows per table")
     projections: list[Literal["up", "gate", "down", "q", "k", "v"]] = Field(
         default=["up", "gate", "down"], min_length=1,
         description="which projections to replace: FFN up/gate/down, attention q/k/v (a fused qkv projection "
                     "needs all three); the step's targets then filter by module FQN")
     calibrate: bool = Field(default=True, description="refine the tables by least squares on the example inputs")
-    steps: int = Field(default=32, ge=0, description="conjugate-gradient iterations of the refinement")
-    ridge: float = Field(default=1e-2, ge=0, description="λ relative to the mean row weight Σw²: pull towards T_0")
+    steps: Int = Field(default=32, ge=0, description="conjugate-gradient iterations of the refinement")
+    ridge: Float = Field(default=1e-2, ge=0, description="λ relative to the mean row weight Σw²: pull towards T_0")
 
     @field_validator("projections")
     @classmethod

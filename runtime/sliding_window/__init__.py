@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from ..common import attention_cost, qkv_inputs, same_as_q
+from ..params import Tokens
 from ..registry import Params, Variant, param, register
 from . import cpu
 from .cache import RING
@@ -20,8 +21,8 @@ from .reference import sliding_window_attention as reference
 
 
 class SlidingWindowParams(Params):
-    window: int = Field(gt=0, description="keys visible behind (and, bidirectional, ahead of) each query")
-    sinks: int = Field(default=0, ge=0, description="first tokens every query sees (StreamingLLM)")
+    window: Tokens = Field(gt=0, description="keys visible behind (and, bidirectional, ahead of) each query")
+    sinks: Tokens = Field(default=0, ge=0, description="first tokens every query sees (StreamingLLM)")
 
 
 def pairs(n, window: int, sinks: int, causal: bool):
