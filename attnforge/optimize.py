@@ -87,6 +87,7 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
     try:
         program = build_program(source, recipe, args, kwargs, backend=backend, progress=progress, **options)
     except CaptureError as e:
+        _check_example(source, args, kwargs)  # a model that fails on its own example cannot run unchanged either
         if strict:
             raise
         report = Report(model=type(model).__name__, recipe=recipe.name, backend=backend, capture_error=str(e))
@@ -108,6 +109,18 @@ def optimize(model: nn.Module, recipe: Any = "exact", example_inputs=(), example
             progress("decode contract")
         _report_decode(opt, program, args, kwargs)
     return opt
+
+
+def _check_example(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """``CaptureError`` naming the example input the model itself refuses (its name, dtype and shape, and the op
+    or line that refused it: attnforge/specs.py), when the model fails on its example outside any capture."""
+    from .errors import SpecError
+    from .specs import check_example
+
+    try:
+        check_example(model, args, kwargs, type(model).__name__)
+    except SpecError as e:
+        raise CaptureError(str(e)) from None
 
 
 def _can_generate(model: nn.Module) -> bool:

@@ -413,3 +413,19 @@ def test_docs_say_what_each_spec_form_may_execute():
     section = text.split("What a spec may execute", 1)[1].split("\n## ", 1)[0]
     for needle in ("--trust-pickle", "trust_remote_code", "weights_only", ".pt2", "demo:"):
         assert needle in section, needle
+
+
+def test_optimize_names_the_example_input_the_model_refuses():
+    """Through the Python API as through the CLI: an example the model itself cannot run is a CaptureError naming
+    the input, not a passthrough that fails at its first call."""
+    import attnforge
+
+    with pytest.raises(attnforge.CaptureError, match=r"example input 'input' \(float32\[2, 3\]\) in embedding"):
+        attnforge.optimize(torch.nn.Embedding(9, 4), "exact", (torch.zeros(2, 3),))
+
+
+@pytest.mark.parametrize("reps", ["0", "-3", "x"])
+def test_autotune_reps_must_be_a_positive_count(reps, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["autotune", "--op", "attention", "--shapes", "1x2x64x16", "--reps", reps])
+    assert e.value.code == 2 and "--reps" in capsys.readouterr().err

@@ -405,6 +405,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """--reps: a whole number of runs, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs >= 1, not {text[:80]!r}")
+    return value
+
+
 def _params(text: str | None) -> dict:
     out = {}
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
@@ -619,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels to tune (default: triton on cuda, torch on cpu; triton on cpu needs TRITON_INTERPRET=1)")
     t.add_argument("--cache", help="cache folder (default: $ATTNFORGE_CACHE_DIR or ~/.cache/attnforge)")
     t.add_argument("--budget", type=_seconds, help="seconds for the whole search, shared among the kernels")
-    t.add_argument("--reps", type=int, default=5, help="timed runs per config; the median counts (default 5)")
+    t.add_argument("--reps", type=_count, default=5, help="timed runs per config; the median counts (default 5)")
     t.add_argument("--show", action="store_true", help="list the cache and exit")
     t.set_defaults(fn=cmd_autotune, strict=True, atol=None, model=None)
 
