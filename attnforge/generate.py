@@ -330,7 +330,7 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
 
     from attnforge.errors import ExportError
     from attnforge.passes.decode import export_graph
-    from attnforge.runtime.onnx import _export_failure, _quiet, save, translation_table
+    from attnforge.runtime.onnx import dynamo_export, export_failure, save
 
     decoder = decoder_for(opt, like if like is not None else torch.zeros(1, 8, dtype=torch.long))
     program = decoder.program
@@ -360,12 +360,10 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
     try:
-        with _quiet():
-            onnx_program = torch.onnx.export(step.gm, args, dynamo=True, opset_version=opset, input_names=step.inputs,
-                                             output_names=step.outputs, dynamic_shapes=tuple(shapes), optimize=False,
-                                             custom_translation_table=translation_table(opset))
+        onnx_program = dynamo_export(step.gm, args, opset, input_names=step.inputs, output_names=step.outputs,
+                                     dynamic_shapes=tuple(shapes))
     except Exception as e:  # noqa: BLE001 - the cause names the op
-        raise ExportError("ONNX export of the decode step failed: " + _export_failure(e)) from e
+        raise ExportError("ONNX export of the decode step failed: " + export_failure(e)) from e
     save(onnx_program, path)
     layout = {"file": path.name, "inputs": step.inputs, "outputs": step.outputs, "layers": []}
     for i, s in enumerate(step.sites):

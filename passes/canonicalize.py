@@ -7,7 +7,10 @@
 * ``bmm`` becomes ``matmul``; ``baddbmm(M, a, b, beta, alpha)`` becomes ``alpha·matmul(a, b) + beta·M``;
 * export's ``_assert_tensor_metadata`` checks are dropped (they would pin the values they read);
 * ``permute`` that only swaps the last two dims becomes ``transpose``; transpose dims are
-  written non-negative and in increasing order; ``_softmax`` becomes ``softmax``.
+  written non-negative and in increasing order; ``_softmax`` becomes ``softmax``;
+* in-place ``add_``/``sub_``/``mul_``/``div_``/``masked_fill_`` on a fresh (unaliased) tensor become their
+  out-of-place ops, later reads of the tensor reading the new value (``scores /= math.sqrt(d)``);
+* ``x @ W.T`` (+ ``b``) for 2-D parameter W (and 1-D parameter b) becomes ``linear(x, W, b)`` (Falcon's spelling).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def canonicalize(gm: GraphModule) -> Counter:
     """Rewrite ``gm`` in place into canonical aten form; return how many nodes each rule changed."""
     counts: Counter = Counter()
     g = gm.graph
+    if n := _out_of_place(g):
+        counts["out_of_place"] = n
     for node in list(g.nodes):
         if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
             g.erase_node(node)  # export-time dtype checks; they would pin every value they read
@@ -71,6 +76,53 @@ def canonicalize(gm: GraphModule) -> Counter:
             g.erase_node(node)
     dead_code(gm)
     return counts
+
+
+_INPLACE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
+# names of non-aten calls whose result may share storage with their input (symbolic_trace graphs)
+_ALIASING = {"view", "view_as", "reshape", "transpose", "permute", "t", "T", "expand", "expand_as", "getitem",
+             "__getitem__", "unsqueeze", "squeeze", "flatten", "unflatten", "contiguous", "narrow", "select",
+             "split", "chunk", "unbind", "detach", "to", "type_as", "as_strided", "movedim", "swapaxes", "getattr",
+             "transpose_", "numpy_T", "real", "imag"}
+
+
+def _may_alias(n) -> bool:
+    """True unless ``n`` is a call known to return a fresh tensor of its own."""
+    if not isinstance(n, Node) or n.op not in ("call_function", "call_method", "call_module"):
+        return True
+    t = n.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    if n.op == "call_module" or "dropout" in name:  # a module or an eval-mode dropout may return its input
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in t._schema.returns)
+    return isinstance(t, torch._ops.OpOverloadPacket) or name in _ALIASING | set(_INPLACE)
+
+
+def _out_of_place(g) -> int:
+    """Rewrite in-place ops on fresh, unaliased tensors out of place; later reads of the tensor read the result."""
+    done, order = 0, {n: i for i, n in enumerate(g.nodes)}
+    for node in list(g.nodes):
+        t = node.target
+        if node.op == "call_method" and t in _INPLACE:
+            target = _INPLACE[t]
+        elif node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._opname in _INPLACE:
+            target = getattr(getattr(aten, _INPLACE[t._opname]), t._overloadname, None)
+        else:
+            continue
+        a = node.args[0] if node.args else None
+        if target is None or _may_alias(a) or any(_may_alias(u) for u in a.users if u is not node):
+            continue  # the mutation could be seen through another name: keep it
+        with g.inserting_before(node):
+            new = (g.call_method if node.op == "call_method" else g.call_function)(target, node.args, node.kwargs)
+        new.meta.update(node.meta)
+        for u in [u for u in a.users if u is not node and u is not new and order.get(u, -1) > order[node]]:
+            u.replace_input_with(a, new)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        order[new] = order[node]
+        done += 1
+    return done
 
 
 def _name(node: Node) -> str:
@@ -163,6 +215,24 @@ def _constant(n) -> float | None:
     return None
 
 
+def _param_t(n) -> Node | None:
+    """W for ``n`` = the transpose of a 2-D parameter W (``W.T``, ``W.t()``, ``W.transpose(0, 1)``), else None."""
+    if not isinstance(n, Node) or n.op not in ("call_function", "call_method"):
+        return None
+    w = n.args[0] if n.args else None
+    if not (isinstance(w, Node) and w.op == "get_attr" and len(shape(w) or ()) == 2):
+        return None
+    t, rest = n.target, list(n.args[1:])
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    if is_op(n, aten.numpy_T, aten.t) or name in ("t", "numpy_T") or (name == "getattr" and rest == ["T"]):
+        return w
+    if (is_op(n, aten.transpose) or name == "transpose") and sorted(d % 2 for d in rest) == [0, 1]:
+        return w
+    if (is_op(n, aten.permute) or name == "permute") and [d % 2 for d in (rest[0] if len(rest) == 1 else rest)] == [1, 0]:
+        return w
+    return None
+
+
 def _normalise(g, node: Node) -> Node | None:
     """Canonical spelling of an aten call, or None if it already is canonical."""
     if is_op(node, aten.div, aten.mul) and len(node.args) == 2 and isinstance(node.args[0], Node) \
@@ -178,6 +248,15 @@ def _normalise(g, node: Node) -> Node | None:
         return _call(g, aten.mul.Tensor, (node.args[1], node.args[0]))
     if is_op(node, aten.mul) and node.target is aten.mul.Scalar:
         return _call(g, aten.mul.Tensor, node.args)
+    if is_op(node, aten.matmul) and len(node.args) == 2 and _param_t(node.args[1]) is not None \
+            and len(shape(node.args[0]) or ()) >= 2:
+        return _call(g, aten.linear.default, (node.args[0], _param_t(node.args[1]), None))  # x @ W.T
+    if is_op(node, aten.add) and node.target is aten.add.Tensor and not node.kwargs:
+        for lin, b in (node.args, node.args[::-1]):
+            if is_op(lin, aten.linear) and len(lin.args) == 3 and lin.args[2] is None and len(lin.users) == 1 \
+                    and isinstance(b, Node) and b.op == "get_attr" and shape(lin) and shape(b) == shape(lin)[-1:] \
+                    and val(b).dtype == val(lin).dtype:
+                return _call(g, aten.linear.default, (lin.args[0], lin.args[1], b))  # x @ W.T + b
     if is_op(node, aten.bmm):
         return _call(g, aten.matmul.default, node.args[:2])
     if is_op(node, aten.baddbmm):

@@ -101,6 +101,8 @@ def _match_eager(softmax: Node) -> AttentionSite:
     dim = sa["dim"]
     if xs is None or dim not in (-1, len(xs) - 1):
         raise _NoMatch(f"softmax over dim {dim}, not the key dim")
+    if _feeds_topk(softmax):
+        raise _NotAttention("softmax feeds topk: a router, not attention")
     # forward: softmax -> (dtype casts, dropout) -> matmul(probs, v)
     core, cur, dropout_p = [softmax], softmax, 0.0
     while True:
@@ -115,8 +117,6 @@ def _match_eager(softmax: Node) -> AttentionSite:
         elif is_op(u, aten.matmul) and u.args[0] is cur:
             pv = u
             break
-        elif is_op(u, aten.topk):
-            raise _NotAttention("softmax feeds topk: a router, not attention")
         else:
             raise _NoMatch(f"softmax output flows into {getattr(u.target, '__name__', u.target)}, not a matmul with v")
         core.append(u)
@@ -137,6 +137,11 @@ def _match_eager(softmax: Node) -> AttentionSite:
     return _site(softmax, q, k0, v0, pv, scale=scale, mask=parts[0][0] if len(parts) == 1 and parts[0][2] == "add"
                  and parts[0][1] == 1.0 else None, mask_is_bool=False, causal=False, sdpa_causal=False,
                  dropout_p=dropout_p, pattern="eager", core=tuple(chain + [qk] + core + [pv]), parts=tuple(parts))
+
+
+def _feeds_topk(n: Node) -> bool:
+    """True when ``n`` (through dtype casts and copies) is read by a topk: a mixture-of-experts router."""
+    return any(is_op(u, aten.topk) or (is_op(u, *_PASS_THROUGH) and _feeds_topk(u)) for u in n.users)
 
 
 def _walk_scores(x: Node):

@@ -157,13 +157,8 @@ def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path
         if dynamic:
             shapes = _dynamic_dims(gm, names)
     def export(dynamic_shapes):
-        # optimize=False: onnxscript's rotary fusion writes RotaryEmbedding nodes that onnxruntime rejects once the
-        # batch is dynamic (cos/sin caches of batch 1)
-        with _quiet():
-            return torch.onnx.export(gm, tuple(args), kwargs=dict(kwargs), dynamo=True, opset_version=opset,
-                                     custom_translation_table=translation_table(opset), verbose=False,
-                                     input_names=names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-                                     optimize=False)
+        return dynamo_export(gm, args, opset, kwargs=dict(kwargs), input_names=names, output_names=output_names,
+                             dynamic_shapes=dynamic_shapes)
 
     try:
         try:
@@ -173,12 +168,23 @@ def export_onnx(gm: torch.nn.Module, args: tuple, kwargs: dict, path: str | Path
                 raise
             program = export(None)
             if notes is not None:
-                notes.append(f"exported with the example's static shapes: with dynamic ones, {_export_failure(e)}")
+                notes.append(f"exported with the example's static shapes: with dynamic ones, {export_failure(e)}")
     except Exception as e:  # noqa: BLE001 - the cause names the op
-        raise ExportError("ONNX export failed: " + _export_failure(e)) from e
+        raise ExportError("ONNX export failed: " + export_failure(e)) from e
     path = Path(path)
     save(program, path)
     return path
+
+
+def dynamo_export(gm: torch.nn.Module, args: tuple, opset: int, **options):
+    """``torch.onnx.export`` (dynamo) of ``gm`` with the ``attnforge`` ops translated for ``opset``, its logging
+    silenced; ``options`` are torch.onnx.export's (names, dynamic shapes). Raises what torch raises:
+    ``export_failure`` says it in one line."""
+    # optimize=False: onnxscript's rotary fusion writes RotaryEmbedding nodes that onnxruntime rejects once the
+    # batch is dynamic (cos/sin caches of batch 1)
+    with _quiet():
+        return torch.onnx.export(gm, tuple(args), dynamo=True, opset_version=opset, verbose=False, optimize=False,
+                                 custom_translation_table=translation_table(opset), **options)
 
 
 def save(program, path) -> None:
@@ -214,7 +220,7 @@ def _quiet():
         logging.disable(previous)
 
 
-def _export_failure(e: BaseException) -> str:
+def export_failure(e: BaseException) -> str:
     """Name the op that failed, from our own translation error or torch.onnx's dispatch/conversion errors."""
     chain, cur = [], e
     while cur is not None and len(chain) < 20:

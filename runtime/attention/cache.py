@@ -12,8 +12,13 @@ from ..cache import CachePolicy, Site, attend_keys, attend_plain, prefill_mask, 
 GROW = 256  # positions added when the cache is full
 
 
+def _chunks(positions: int) -> int:
+    """``positions`` rounded up to whole chunks of ``GROW`` (at least one)."""
+    return max(GROW, -(-positions // GROW) * GROW)
+
+
 def allocate(site: Site, batch: int, capacity: int) -> list:
-    capacity = max(GROW, -(-capacity // GROW) * GROW)
+    capacity = _chunks(capacity)
     new = lambda d: torch.zeros(batch, site.kv_heads, capacity, d, dtype=site.dtype, device=site.device)  # noqa: E731
     return [new(site.head_dim), new(site.value_dim), torch.zeros(batch, capacity, dtype=torch.bool,
                                                                  device=site.device)]
@@ -24,7 +29,7 @@ def grow(state: list, needed: int) -> list:
     which writes its state in place and cannot resize it)."""
     if needed <= state[0].shape[2]:
         return state
-    size = -(-needed // GROW) * GROW
+    size = _chunks(needed)
     return [torch.nn.functional.pad(t, [0, 0, 0, size - t.shape[2]] if t.dim() == 4 else [0, size - t.shape[1]])
             for t in state]
 
