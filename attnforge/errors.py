@@ -32,3 +32,10 @@ class ExportError(AttnforgeError, RuntimeError):
 
 class CacheError(AttnforgeError, OSError):
     """The autotuning cache could not be read or written (the message names the file and the cause)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, cut to ``limit`` characters (for messages that quote a cause)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[:limit] + "..."

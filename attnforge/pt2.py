@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpecError
+from .errors import SpecError, first_line
 
 OPT_IN = "--trust-pickle"
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -62,7 +62,7 @@ def _load(fn, label: str):
     except pickle.UnpicklingError as e:  # the forced weights_only load refused something the checks let by
         raise _refuse(label, f"a record needs unpickling beyond tensors ({unpickle_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - any load failure is a bad archive
-        raise SpecError(f"{label} is not a loadable torch.export archive: {type(e).__name__}: {_short(e)}") from None
+        raise SpecError(f"{label} is not a loadable torch.export archive: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _refuse(label: str, why: str) -> Refused:
@@ -80,7 +80,7 @@ def check_archive(data: bytes, label: str) -> None:
         names = reader.get_file_names()
     except Exception as e:  # noqa: BLE001 - not a zip, or not in torch.export.save's format
         raise SpecError(f"{label} is not a torch.export archive in this torch's format (torch.export.save): "
-                        f"{type(e).__name__}: {_short(e)}") from None
+                        f"{type(e).__name__}: {first_line(e)}") from None
     if any(n.startswith(c.AOTINDUCTOR_DIR) for n in names):
         raise _refuse(label, f"it ships AOTInductor compiled code ({c.AOTINDUCTOR_DIR})")
     for name in names:
@@ -102,7 +102,7 @@ def _json(reader, name: str, label: str):
     try:
         return json.loads(reader.read_string(name))
     except (ValueError, UnicodeDecodeError) as e:
-        raise SpecError(f"{label}: {name} is not valid JSON: {_short(e)}") from None
+        raise SpecError(f"{label}: {name} is not valid JSON: {first_line(e)}") from None
 
 
 def _check_pickle(blob: bytes, label: str, name: str) -> None:
@@ -114,7 +114,7 @@ def _check_pickle(blob: bytes, label: str, name: str) -> None:
     except pickle.UnpicklingError as e:
         raise _refuse(label, f"{name} needs unpickling beyond tensors ({unpickle_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - a broken record
-        raise SpecError(f"{label}: {name} is not a readable tensor file: {type(e).__name__}: {_short(e)}") from None
+        raise SpecError(f"{label}: {name} is not a readable tensor file: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _check_program(tree, label: str, name: str) -> None:
@@ -221,10 +221,4 @@ def _weights_only():
 def unpickle_reason(e: Exception) -> str:
     """What a refused ``weights_only`` load names (``the pickle names the global os.system``), in short."""
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    return f"the pickle names the global {found.group(1)}" if found else _short(e)
-
-
-def _short(e: Exception, limit: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[:limit] + "..."
+    return f"the pickle names the global {found.group(1)}" if found else first_line(e)

@@ -11,8 +11,8 @@ inputs, a Hugging Face model: token ids for text models, random pixels/values ot
 
 What a spec may run: a ``.py`` or ``module:function`` spec runs its code (by design); a Hugging Face folder loads
 config and weights (safetensors, or ``torch.load(weights_only=True)``) and never remote code; a ``.pt2`` loads as
-data (attnforge/pt2.py) unless ``trust_pickle``. The model is then run once on its example inputs: a failure is a
-``SpecError`` naming the input that does not fit.
+data (attnforge/pt2.py) unless ``trust_pickle``. Inputs the model refuses are diagnosed by ``check_example``, which
+``optimize`` runs when capture fails (no extra forward pass at load time).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import SpecError
+from .errors import SpecError, first_line
 from .pt2 import load_exported, unpickle_reason
 
 SPEC_FORMS = "demo:NAME, path/to/file.py:fn, package.module:fn, a Hugging Face model folder or a .pt2 archive"
@@ -53,14 +53,8 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def load_spec(spec: str, input_shape: tuple[int, ...] | None = None, task: str | None = None,
               trust_pickle: bool = False):
-    """``(model, args, kwargs)`` for a spec string, the model checked to run on them; ``SpecError`` saying why
-    when it cannot be loaded. ``trust_pickle`` lets a .pt2 archive unpickle (run code); see attnforge/pt2.py."""
-    model, args, kwargs = _load(spec, input_shape, task, trust_pickle)
-    check_example(model, args, kwargs, f"model spec {spec!r}")
-    return model, args, kwargs
-
-
-def _load(spec: str, input_shape, task, trust_pickle: bool):
+    """``(model, args, kwargs)`` for a spec string; ``SpecError`` saying why when it cannot be loaded.
+    ``trust_pickle`` lets a .pt2 archive unpickle (run code); see attnforge/pt2.py."""
     if spec.startswith("demo:"):
         from .demos import build_demo
 
@@ -176,13 +170,7 @@ def _raised(e: BaseException) -> str:
     """``Type: message (file:line)``, the message's first line, shortened; the place is the innermost frame."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {_first_line(e)}{where}"
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {first_line(e)}{where}"
 
 
 def _load_pt2(path: Path, input_shape, trust_pickle: bool = False):
@@ -228,7 +216,7 @@ def _load_hf(path: Path, input_shape, task):
                         "(save the model as safetensors)") from None
     except Exception as e:  # noqa: BLE001 - report why transformers refused
         raise SpecError(f"cannot load Hugging Face model from {str(path)!r} with {cls.__name__}: "
-                        f"{type(e).__name__}: {_first_line(e)}") from None
+                        f"{type(e).__name__}: {first_line(e)}") from None
     cfg, name = model.config, getattr(model, "main_input_name", "input_ids")
     if name == "input_ids":
         shape = input_shape or (1, 16)
@@ -273,7 +261,7 @@ def check_example(model: nn.Module, args: tuple, kwargs: dict, label: str = "the
             if isinstance(value, torch.Tensor):
                 blamed |= lineage.seen.get(value, set())
     where = f" at {place}" + (f" ({code})" if code else "") if place else ""
-    cause = f"{type(error).__name__}: {_first_line(error)}{where}"
+    cause = f"{type(error).__name__}: {first_line(error)}{where}"
     if not blamed:
         listed = ", ".join(f"{n} {_describe(t)}" for n, t in inputs) or "none"
         raise SpecError(f"{label}: the model fails on its example inputs ({listed}): {cause}")
