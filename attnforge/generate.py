@@ -254,13 +254,32 @@ POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
 
 
 def _check_positions(opt, prompt: int, new: int) -> None:
-    """A model with a learned table of absolute positions (GPT-2's ``wpe``...) cannot go past its last row."""
+    """A model with a learned table of absolute positions (GPT-2's ``wpe``...) cannot go past its last row; a model
+    whose own attention keeps a sliding window in some layers (Mistral, Gemma 2, GPT-Neo's local layers) cannot go
+    past that window: the cache keeps every key, and the capture's short example cannot tell the window from
+    causal masking."""
+    window = _model_window(getattr(opt._source, "config", None))
+    if window and prompt + new > window[0]:
+        raise GenerationError(f"the prompt ({prompt} tokens) + max_new_tokens ({new}) is longer than the "
+                              f"{window[0]}-token sliding window of the model's own attention ({window[1]}); the "
+                              "cache keeps every key, so past the window it would no longer be this model")
     for name, module in opt._source.named_modules():
         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             limit = module.num_embeddings - int(getattr(module, "offset", 0))
             if prompt + new > limit:
                 raise GenerationError(f"the prompt ({prompt} tokens) + max_new_tokens ({new}) is longer than the "
                                       f"{limit} positions of the model's learned position table ({name})")
+
+
+def _model_window(config) -> Optional[tuple[int, str]]:
+    """(the sliding window of the model's own attention, the config field saying so): ``sliding_window`` unless
+    ``use_sliding_window`` is off, GPT-Neo's ``window_size`` when a layer is local; None without one."""
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False:
+        return window, "config.sliding_window"
+    if "local" in (getattr(config, "attention_layers", None) or []) and getattr(config, "window_size", None):
+        return int(config.window_size), "config.window_size of its local layers"
+    return None
 
 
 def _process(logits: Tensor, do_sample: bool, temperature: float, top_k, top_p) -> Tensor:
@@ -344,18 +363,14 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
     except DecodeUnsupported as e:
         raise ExportError(f"the decode step cannot be exported: {e}") from None
     batch, past_len = 2, 5
-    past = []
-    for s in step.sites:
-        policy = POLICIES[s.policy]
-        state = policy.initial(s.site, batch)
-        if s.policy == "full":
-            state = [torch.randn(batch, s.site.kv_heads, past_len, t.shape[-1], dtype=t.dtype) for t in state]
-        past += state
-    args = (ids, mask, positions(mask)[:, -3:], *past)
     auto = torch.export.Dim.AUTO
-    shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}]
+    past, shapes = [], [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}]
     for s in step.sites:
-        shapes += [{0: auto, 2: auto} if s.policy == "full" else {0: auto} for _ in POLICIES[s.policy].state_names]
+        for t in POLICIES[s.policy].initial(s.site, batch):  # a dim of size 0 grows with the past ("past")
+            grows = [i for i in range(1, t.dim()) if t.shape[i] == 0]
+            past.append(_example_past(t, past_len) if grows else t)
+            shapes.append({0: auto, **{i: auto for i in grows}})
+    args = (ids, mask, positions(mask)[:, -3:], *past)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
@@ -378,6 +393,16 @@ def export_decode_onnx(opt, directory, opset: int = 23, like: Optional[Tensor] =
                                            for n, t in zip(policy.state_names, init)]})
     (directory / "decode_layout.json").write_text(json.dumps(layout, indent=2), encoding="utf-8")
     return layout
+
+
+def _example_past(t: Tensor, length: int) -> Tensor:
+    """A past state of ``length`` positions shaped like the empty ``t`` (export traces it at a nonzero past)."""
+    shape = [length if (i and n == 0) else n for i, n in enumerate(t.shape)]
+    if t.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    if not t.is_floating_point():
+        return torch.zeros(shape, dtype=t.dtype)
+    return torch.randn(shape, dtype=t.dtype)
 
 
 def onnx_greedy(directory, input_ids: Tensor, attention_mask: Optional[Tensor], max_new_tokens: int):

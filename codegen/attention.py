@@ -19,6 +19,8 @@ output 0.
 Decode (query length 1, a KV cache: the query sits at position M − 1) splits the keys over programs instead
 (split-KV, as flash-decoding and LeanAttention): every program reduces one slice of keys for the G query heads
 of one KV head to a partial (m, l, acc), and a second kernel merges the partials by log-sum-exp.
+v may have its own head dim there (``value_dim``: keys with pruned channels, ThinK); the prefill kernel
+takes v's head dim equal to q's.
 
 ``source(spec)`` is the generated text (``attnforge codegen --dump``); it is written to a file, imported once
 per spec, and keyed by its hash in the autotune cache. Runs on CUDA tensors, and on CPU tensors under
@@ -56,7 +58,8 @@ class AttentionSpec:
     sinks: int = 0            # window: the first ``sinks`` keys stay visible
     block: int = 0            # block_sparse: the index tables' block size (= BLOCK_M = BLOCK_N)
     groups: int = 1           # query heads per K/V head
-    head_dim: int = 64
+    head_dim: int = 64        # of q and k
+    value_dim: int = 0        # of v (and the output) when it differs from head_dim (decode only); 0: head_dim
     scale: float = 0.125
     softcap: float = 0.0      # 0: none
     dtype: str = "float32"
@@ -69,6 +72,8 @@ class AttentionSpec:
     def __post_init__(self):
         if self.mask in ("none", "causal"):  # the mask kind says it all
             object.__setattr__(self, "causal", self.mask == "causal")
+        if self.value_dim == self.head_dim:  # one spelling of "v's head dim is q's": one kernel, one cache key
+            object.__setattr__(self, "value_dim", 0)
         problems = []
         if self.mask not in MASKS:
             problems.append(f"mask must be one of {MASKS}, not {self.mask!r}")
@@ -76,6 +81,11 @@ class AttentionSpec:
             problems.append(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         if self.head_dim < 1 or self.groups < 1:
             problems.append("head_dim and groups must be positive")
+        if self.value_dim < 0:
+            problems.append("value_dim must be >= 0 (0: the same as head_dim)")
+        elif self.value_dim and not self.decode:
+            problems.append("value_dim different from head_dim needs decode=1 (the prefill kernel takes v's head "
+                            "dim equal to q's)")
         if self.mask == "window" and self.window < 1:
             problems.append("mask='window' needs window >= 1")
         if self.mask == "block_sparse" and (self.block < 16 or self.block & (self.block - 1)):
@@ -117,7 +127,8 @@ class AttentionSpec:
             parts.append(f"w{self.window}s{self.sinks}")
         if self.mask == "block_sparse":
             parts.append(f"b{self.block}")
-        parts += [f"g{self.groups}", f"d{self.head_dim}", self.dtype]
+        parts += [f"g{self.groups}", f"d{self.head_dim}" + (f"v{self.value_dim}" if self.value_dim else ""),
+                  self.dtype]
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
         if self.has_mask:
@@ -125,6 +136,11 @@ class AttentionSpec:
         if self.keep is not None:
             parts.append("p" + source_hash(str(self.keep))[:8])
         return ("decode_" if self.decode else "attn_") + "_".join(parts)
+
+    @property
+    def v_dim(self) -> int:
+        """The head dim of v and of the output."""
+        return self.value_dim or self.head_dim
 
     @property
     def predicate(self) -> Expr:
@@ -174,21 +190,29 @@ def _keep(spec: AttentionSpec, row: str) -> str:
     return rule
 
 
+def _v_offsets(spec: AttentionSpec) -> str:
+    """The name of v's (and the output's) channel offsets: ``offs_d`` when v's head dim is q's, else ``offs_dv``."""
+    return "offs_dv" if spec.value_dim else "offs_d"
+
+
 def _tile_fn(spec: AttentionSpec, d_pad: int) -> str:
-    """``_tile``: one KV tile folded into the running (m, l, acc). ``MROW``: the model mask's row pointers."""
+    """``_tile``: one KV tile folded into the running (m, l, acc). ``MROW``: the model mask's row pointers. K is
+    read over q's channels ``offs_d`` (padded to ``d_pad``), V over its own (``_v_offsets``, padded to a power of
+    two)."""
     row = "(n_k - 1)" if spec.decode else "offs_m[:, None]"
+    dv, dv_pad = _v_offsets(spec), _pow2(spec.v_dim)
     k_ok = "" if d_pad == spec.head_dim else f"(offs_d[:, None] < {spec.head_dim})"
-    v_ok = "" if d_pad == spec.head_dim else f"(offs_d[None, :] < {spec.head_dim})"
+    v_ok = "" if dv_pad == spec.v_dim else f"({dv}[None, :] < {spec.v_dim})"
 
     def load(ptr, ok, tail):
         both = " & ".join(filter(None, (tail, ok)))
         return f"tl.load({ptr}, mask={both}, other=0.0)" if both else f"tl.load({ptr})"
 
-    k_ptr, v_ptr = "K + offs_n[None, :] * skn + offs_d[:, None]", "V + offs_n[:, None] * svn + offs_d[None, :]"
+    k_ptr, v_ptr = "K + offs_n[None, :] * skn + offs_d[:, None]", f"V + offs_n[:, None] * svn + {dv}[None, :]"
     lines = [
         "@triton.jit",
         f"def _tile(q, m_i, l_i, acc, K, V, {'MROW, smk, ' if spec.has_mask else ''}start, offs_m, offs_n0, offs_d, "
-        "n_q, n_k, skn, svn,",
+        + ("offs_dv, " if spec.value_dim else "") + "n_q, n_k, skn, svn,",
         "          MASKED: tl.constexpr):",
         "    offs_n = start + offs_n0",
         "    if MASKED:",
@@ -300,11 +324,15 @@ def _forward_src(spec: AttentionSpec, d_pad: int) -> str:
 
 
 def _decode_src(spec: AttentionSpec, d_pad: int) -> str:
+    """Split-KV decode; q and k have ``head_dim`` channels (padded to ``d_pad``), v, the partial accumulators and
+    the output ``v_dim`` (padded to ``dv_pad``): the partials are rows of ``dv_pad`` floats."""
     g, rows = spec.groups, _pow2(spec.groups)
+    dv, dv_pad = _v_offsets(spec), _pow2(spec.v_dim)
     mask_params = "MASK, smb, smh, smq, smk, " if spec.has_mask else ""
     d_ok = "" if d_pad == spec.head_dim else f" & (offs_d[None, :] < {spec.head_dim})"
     mask_args = ", MASK + heads_of_row[:, None] * smh, smk" if spec.has_mask else ""
-    call = f"q, m_i, l_i, acc, K, V{mask_args}, start, offs_m, offs_n0, offs_d, n_q, n_k, skn, svn"
+    call = (f"q, m_i, l_i, acc, K, V{mask_args}, start, offs_m, offs_n0, offs_d, "
+            + ("offs_dv, " if spec.value_dim else "") + "n_q, n_k, skn, svn")
     return "\n".join([
         "@triton.jit",
         f"def decode_partial(Q, K, V, PO, PM, PL, {mask_params}n_k, kv_heads, lo, split_len, sinks_end,",
@@ -319,6 +347,7 @@ def _decode_src(spec: AttentionSpec, d_pad: int) -> str:
         f"    n_q = {g}  # rows past it are padding",
         "    offs_n0 = tl.arange(0, BLOCK_N)",
         f"    offs_d = tl.arange(0, {d_pad})",
+        *([f"    offs_dv = tl.arange(0, {dv_pad})  # v's channels"] if spec.value_dim else []),
         "    q = tl.load(Q + b * sqb + heads_of_row[:, None] * sqh + offs_d[None, :],",
         f"                mask=(offs_m[:, None] < n_q){d_ok}, other=0.0)",
         "    K += b * skb + kvh * skh",
@@ -326,14 +355,14 @@ def _decode_src(spec: AttentionSpec, d_pad: int) -> str:
         *(["    MASK += b * smb"] if spec.has_mask else []),
         f"    m_i = tl.full([{rows}], float('-inf'), tl.float32)",
         f"    l_i = tl.zeros([{rows}], tl.float32)",
-        f"    acc = tl.zeros([{rows}, {d_pad}], tl.float32)",
+        f"    acc = tl.zeros([{rows}, {dv_pad}], tl.float32)",
         "    is_sink = split == tl.num_programs(0) - 1",
         "    start_key = tl.where(is_sink, 0, lo + split * split_len)",
         "    end_key = tl.where(is_sink, sinks_end, tl.minimum(lo + split * split_len + split_len, n_k))",
         "    for start in range(start_key, end_key, BLOCK_N):",
         f"        m_i, l_i, acc = _tile({call}, MASKED=True)",
         f"    part = (bkv * tl.num_programs(0) + split) * {rows} + offs_m",
-        f"    tl.store(PO + part[:, None] * {d_pad} + offs_d[None, :], acc)",
+        f"    tl.store(PO + part[:, None] * {dv_pad} + {dv}[None, :], acc)",
         "    tl.store(PM + part, m_i)",
         "    tl.store(PL + part, l_i)",
         "",
@@ -346,16 +375,16 @@ def _decode_src(spec: AttentionSpec, d_pad: int) -> str:
         "    b = bkv // kv_heads",
         f"    h = (bkv % kv_heads) * {g} + row",
         "    offs_s = tl.arange(0, SPLITS)",
-        f"    offs_d = tl.arange(0, {d_pad})",
+        f"    offs_d = tl.arange(0, {dv_pad})",
         f"    part = (bkv * n_splits + offs_s) * {rows} + row",
         "    ok = offs_s < n_splits",
         "    m = tl.load(PM + part, mask=ok, other=float('-inf'))",
         "    m_all = tl.max(m, 0)",
         "    w = tl.math.exp2(m - tl.where(m_all == float('-inf'), 0.0, m_all))  # 0 for empty splits",
         "    l = tl.sum(tl.load(PL + part, mask=ok, other=0.0) * w, 0)",
-        f"    acc = tl.load(PO + part[:, None] * {d_pad} + offs_d[None, :], mask=ok[:, None], other=0.0)",
+        f"    acc = tl.load(PO + part[:, None] * {dv_pad} + offs_d[None, :], mask=ok[:, None], other=0.0)",
         "    out = tl.sum(acc * w[:, None], 0) / tl.where(l == 0.0, 1.0, l)",
-        f"    tl.store(O + b * sob + h * soh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < {spec.head_dim})",
+        f"    tl.store(O + b * sob + h * soh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < {spec.v_dim})",
     ])
 
 
@@ -363,7 +392,8 @@ def source(spec: AttentionSpec) -> str:
     """The Triton source generated for ``spec``."""
     d_pad = _pow2(spec.head_dim)
     body = _decode_src(spec, d_pad) if spec.decode else _forward_src(spec, d_pad)
-    head = "\n".join(f"# {f.name} = {_show(getattr(spec, f.name))}" for f in fields(spec))
+    head = "\n".join(f"# {f.name} = {_show(getattr(spec, f.name))}" for f in fields(spec)
+                     if f.name != "value_dim" or spec.value_dim)  # v's head dim is q's: the text it always had
     return (f'"""attnforge generated kernel {spec.name} (codegen/attention.py)."""\n{head}\n'
             "import triton\nimport triton.language as tl\n\n\n"
             f"{_tile_fn(spec, d_pad)}\n\n\n{body}\n")
@@ -473,6 +503,8 @@ def _last_dim_contiguous(*xs: Tensor):
 
 
 def spec_for(q: Tensor, k: Tensor, scale: float, model_mask: Optional[Tensor], **kw) -> AttentionSpec:
+    """The spec of a call with these inputs; ``value_dim=v.shape[-1]`` among ``kw`` for a decode whose v has its
+    own head dim (equal to q's it is the same spec as without)."""
     return AttentionSpec(groups=q.shape[1] // k.shape[1], head_dim=q.shape[-1], scale=float(scale),
                          dtype=str(q.dtype).removeprefix("torch."), has_mask=model_mask is not None,
                          tf32=q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest", **kw)
@@ -535,14 +567,19 @@ def decode_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
                   sinks: int = 0, softcap: float = 0.0, config: Optional[dict] = None) -> Tensor:
     """One query token per head at position M − 1 over a KV cache of M keys, split over the keys.
 
-    q [B, H, 1, D], k/v [B, Hkv, M, D]; ``window > 0``: keys M − window ... M − 1 plus the first ``sinks``;
-    ``mask`` additive or boolean keep, broadcastable to [B, H, 1, M]."""
+    q [B, H, 1, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] (Dv may differ from D: keys with pruned channels, ThinK)
+    -> [B, H, 1, Dv]; ``window > 0``: keys M − window ... M − 1 plus the first ``sinks``; ``mask`` additive or
+    boolean keep, broadcastable to [B, H, 1, M]."""
     b, h, n, d = q.shape
     kv_heads, m = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
     if n != 1:
         raise ValueError(f"decode_triton takes one query per head, got {n}")
+    if k.shape[-1] != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"decode_triton needs k [B, Hkv, M, {d}] and v [B, Hkv, M, Dv] of the same B, Hkv, M; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
     spec = spec_for(q, k, scale, mask, mask="window" if window else "none", window=window, sinks=sinks,
-                    softcap=softcap, decode=True)
+                    softcap=softcap, decode=True, value_dim=dv)
     cfg = _config(spec, 1, m, q.device, config)
     mod = compile_spec(spec)
     q, k, v = _last_dim_contiguous(q, k, v)
@@ -550,15 +587,15 @@ def decode_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     sinks_end = min(_cdiv(sinks, cfg["BLOCK_N"]) * cfg["BLOCK_N"], lo) if window else 0
     split = max(cfg["SPLIT"] // cfg["BLOCK_N"], 1) * cfg["BLOCK_N"]
     n_splits = max(1, _cdiv(m - lo, split)) + 1  # + the sink split (empty without sinks)
-    rows, d_pad = _pow2(spec.groups), _pow2(d)
-    po = torch.empty(b * kv_heads * n_splits * rows, d_pad, dtype=torch.float32, device=q.device)
+    rows, dv_pad = _pow2(spec.groups), _pow2(dv)
+    po = torch.empty(b * kv_heads * n_splits * rows, dv_pad, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * kv_heads * n_splits * rows, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     extra = _mask_args(mask, (b, h, 1, m))
     mod.decode_partial[(n_splits, b * kv_heads)](
         q, k, v, po, pm, pl, *extra, m, kv_heads, lo, split, sinks_end, q.stride(0), q.stride(1),
         *k.stride()[:3], *v.stride()[:3], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(b, h, 1, dv, dtype=q.dtype, device=q.device)
     mod.decode_reduce[(b * kv_heads, spec.groups)](po, pm, pl, out, n_splits, kv_heads, out.stride(0), out.stride(1),
                                                    SPLITS=_pow2(n_splits, 2))
     return out

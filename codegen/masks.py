@@ -82,6 +82,7 @@ class Unary(Expr):
 
 I, J = Var("i"), Var("j")
 KEEP_ALL = Const(True)
+FLOOR = -1.0e4  # an additive mask entry at or below this hides its key (patterns.MASK_FLOOR, the same number)
 
 
 def lift(x) -> Expr:

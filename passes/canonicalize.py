@@ -3,7 +3,9 @@
 * ``operator.*``, ``torch.*``/``F.*`` functions, tensor methods and leaf modules (symbolic_trace
   graphs) become aten overloads;
 * ``x / c`` for a constant c becomes ``x * (1/c)``; ``c * x`` becomes ``x * c``; a constant written as a 0-dim
-  tensor (``torch.full([], c)``) counts as one;
+  tensor (``torch.full([], c)``, or ``torch.sqrt(torch.tensor(d) * f)``: constants and scalar arithmetic only)
+  counts as one;
+* ``where(cond, x, c)`` with c such a constant becomes ``where(cond, x, float(c))`` (GPT-Neo's mask fill);
 * ``bmm`` becomes ``matmul``; ``baddbmm(M, a, b, beta, alpha)`` becomes ``alpha·matmul(a, b) + beta·M``;
 * export's ``_assert_tensor_metadata`` checks are dropped (they would pin the values they read);
 * ``permute`` that only swaps the last two dims becomes ``transpose``; transpose dims are
@@ -14,6 +16,7 @@
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 
@@ -206,13 +209,53 @@ def _to_aten(gm: GraphModule, node: Node) -> Node | None:
     return None
 
 
-def _constant(n) -> float | None:
-    """The value of a 0-dim tensor made from a constant (``torch.full([], c)``, ``torch.scalar_tensor(c)``)."""
+_CONST_UNARY = {"sqrt": lambda c: math.sqrt(c) if c >= 0 else None, "rsqrt": lambda c: c ** -0.5 if c > 0 else None,
+                "neg": lambda c: -c, "reciprocal": lambda c: 1.0 / c if c else None}
+_CONST_BINARY = {"mul": operator.mul, "div": lambda a, b: a / b if b else None, "add": operator.add,
+                 "sub": operator.sub}
+
+
+def _constant(n, depth: int = 8) -> float | None:
+    """The value of a 0-dim tensor made from constants only: ``torch.full([], c)``, ``torch.scalar_tensor(c)``, or a
+    tensor constant of the graph (``torch.tensor(d)`` in forward, lifted by export; not a parameter or buffer)
+    through copies, casts and scalar arithmetic (DeBERTa's ``torch.sqrt(torch.tensor(d) * f)``)."""
+    if not isinstance(n, Node) or depth == 0:
+        return None
     if is_op(n, aten.full) and list(n.args[0]) == [] and scalar(n.args[1]) is not None:
         return scalar(n.args[1])
     if is_op(n, aten.scalar_tensor) and scalar(n.args[0]) is not None:
         return scalar(n.args[0])
+    if n.op == "get_attr":
+        return _tensor_constant(n)
+    if is_op(n, aten.lift_fresh_copy, aten.detach, aten.detach_, aten.clone, aten.alias) or (
+            is_op(n, aten.to, aten._to_copy) and isinstance(val(n), torch.Tensor) and val(n).is_floating_point()):
+        return _constant(n.args[0], depth - 1)
+    name = getattr(getattr(n, "target", None), "__name__", "").split(".")[0]
+    if name in _CONST_UNARY and n.op == "call_function" and len(n.args) == 1:
+        c = _constant(n.args[0], depth - 1)
+        return None if c is None else _CONST_UNARY[name](c)
+    if name in _CONST_BINARY and n.op == "call_function" and len(n.args) == 2 and not n.kwargs:
+        a = _constant(n.args[0], depth - 1) if isinstance(n.args[0], Node) else scalar(n.args[0])
+        b = _constant(n.args[1], depth - 1) if isinstance(n.args[1], Node) else scalar(n.args[1])
+        return None if a is None or b is None else _CONST_BINARY[name](a, b)
     return None
+
+
+def _tensor_constant(n: Node) -> float | None:
+    """The value of a 0-dim floating or integer tensor attribute that is neither a parameter nor a buffer."""
+    gm = n.graph.owning_module
+    if gm is None or not isinstance(n.target, str):
+        return None
+    owner, _, leaf = n.target.rpartition(".")
+    try:
+        mod = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return None
+    t = getattr(mod, leaf, None)
+    if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter) or leaf in mod._buffers or t.dim() != 0 \
+            or t.dtype == torch.bool or t.is_complex():
+        return None
+    return float(t)
 
 
 def _param_t(n) -> Node | None:
@@ -257,6 +300,10 @@ def _normalise(g, node: Node) -> Node | None:
                     and isinstance(b, Node) and b.op == "get_attr" and shape(lin) and shape(b) == shape(lin)[-1:] \
                     and val(b).dtype == val(lin).dtype:
                 return _call(g, aten.linear.default, (lin.args[0], lin.args[1], b))  # x @ W.T + b
+    if node.target is aten.where.self and len(node.args) == 3 and _constant(node.args[2]) is not None \
+            and isinstance(val(node.args[1]), torch.Tensor) and val(node.args[1]).is_floating_point():
+        # where(cond, scores, c) with c a 0-dim tensor constant (GPT-Neo's finfo.min): a number
+        return _call(g, aten.where.ScalarOther, (node.args[0], node.args[1], _constant(node.args[2])))
     if is_op(node, aten.bmm):
         return _call(g, aten.matmul.default, node.args[:2])
     if is_op(node, aten.baddbmm):

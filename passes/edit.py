@@ -19,6 +19,8 @@ from torch.fx.node import map_arg
 
 from attnforge.patterns.graph import aten, insert_call, val
 
+from .base import SkipSite
+
 
 class SiteEdit:
     def __init__(self, gm: GraphModule, site, values: Optional[dict] = None):
@@ -128,11 +130,13 @@ class SiteEdit:
         parts = self.site.mask_parts
         if not parts:
             return None
-        if len(parts) == 1 and parts[0][2] in ("bool", "add") and parts[0][1] == 1.0:
+        if len(parts) == 1 and parts[0][2] in ("bool", "add") and parts[0][1] == 1.0 and not self.site.folded:
             return parts[0][0]
         dtype = val(self.site.q).dtype if val(self.site.q) is not None else torch.float32
         total = None
         for node, coef, kind in parts:
+            if node in self.site.folded:  # [B·H, N, M] (ALiBi of Bloom) -> [B, H, N, M], as the op's scores
+                node = self.call(aten.unflatten.int, (node, 0, [-1, self.site.num_heads]))
             if kind == "add":
                 term = node if coef == 1.0 else self.call(aten.mul.Tensor, (node, coef))
             elif kind == "fill":  # masked_fill(scores, cond, value): value where cond
@@ -149,8 +153,12 @@ class SiteEdit:
     def replace_core(self, op, *args, q: Optional[Node] = None, k: Optional[Node] = None,
                      v: Optional[Node] = None) -> Node:
         """Insert ``op(q, k, v, mask, *args)`` (the site's q/k/v unless given; the site's mask built first) and
-        return it, carrying the site's module stack."""
+        return it, carrying the site's module stack. A soft-capped site takes only an op with a ``softcap``
+        argument (the caller passes it); any other variant would drop the cap, so the site is skipped."""
         s = self.site
+        if s.softcap and "softcap" not in [a.name for a in op._schema.arguments]:
+            raise SkipSite(f"soft-capped scores (c·tanh(s / c), c = {s.softcap:g}): {op._schema.name} has no "
+                           "softcap")
         mask = self.build_mask()
         return self.like_site(self.call(op, (q or s.q, k or s.k, v or s.v, mask, *args)))
 

@@ -25,7 +25,7 @@ def needs(site: AttentionSite) -> list:
 
 
 def apply(edit, site: AttentionSite, params, q=None, k=None, v=None):
-    return edit.replace_core(VARIANT.op, site.scale, site.sdpa_causal, site.dropout_p, q=q, k=k, v=v)
+    return edit.replace_core(VARIANT.op, site.scale, site.sdpa_causal, site.dropout_p, site.softcap, q=q, k=k, v=v)
 
 
 def site_flops(site: AttentionSite, variant, n, *op_args):

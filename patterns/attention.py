@@ -5,7 +5,15 @@ chain ``matmul(q, kᵀ) → scale → mask → softmax → dropout → matmul(·
 on the scores, or split between them, and the mask added, ``masked_fill``-ed or ``where``-d.
 Everything between the two matmuls is folded into one record:
 
-    softmax(s · q kᵀ + M) v,   s = product of every scalar factor,   M = Σ mask terms × their factor.
+    softmax(s · q kᵀ + M) v,   s = product of every scalar factor,   M = Σ mask terms × their factor,
+
+Heads folded into the batch around the softmax (Bloom: scores ``baddbmm(alibi, q, kᵀ)`` in [B·H, N, M], viewed
+to [B, H, N, M] for the mask and the softmax, and back for the matmul with v) are unfolded: q, k, v are taken
+before their fold, the output after its unfold, and a mask term added in the folded layout (ALiBi) stays an
+additive term, unflattened to [B, H, ·, M].
+
+Or, with Gemma 2's soft-capping ``c · tanh(s · q kᵀ / c)`` before the mask, softmax(c·tanh(s·q kᵀ / c) + M) v
+(c = the factors applied after the tanh, s / c those before it).
 
 A chain that looks like attention but cannot be folded exactly becomes a ``Miss`` with the reason.
 """
@@ -88,7 +96,8 @@ def _match_fused(node: Node) -> AttentionSite:
     is_bool = mask is not None and mask.meta.get("val") is not None and mask.meta["val"].dtype == torch.bool
     return _site(node, q, k, v, node, scale=float(scale), mask=mask, mask_is_bool=is_bool, causal=bool(causal),
                  sdpa_causal=bool(causal), dropout_p=float(dropout_p), pattern="fused", core=(node,),
-                 parts=((mask, 1.0, "bool" if is_bool else "add"),) if mask is not None else ())
+                 parts=((mask, 1.0, "bool" if is_bool else "add"),) if mask is not None else (),
+                 softcap=float(a.get("softcap") or 0.0))
 
 
 # --------------------------------------------------------------------------- eager
@@ -104,7 +113,7 @@ def _match_eager(softmax: Node) -> AttentionSite:
     if _feeds_topk(softmax):
         raise _NotAttention("softmax feeds topk: a router, not attention")
     # forward: softmax -> (dtype casts, dropout) -> matmul(probs, v)
-    core, cur, dropout_p = [softmax], softmax, 0.0
+    core, cur, dropout_p, fold_v = [softmax], softmax, 0.0, 0
     while True:
         if len(cur.users) != 1:
             raise _NoMatch("attention weights are used outside the core (need_weights / output_attentions)")
@@ -117,26 +126,83 @@ def _match_eager(softmax: Node) -> AttentionSite:
         elif is_op(u, aten.matmul) and u.args[0] is cur:
             pv = u
             break
+        elif not fold_v and _heads_of_fold(cur, u):
+            fold_v = _heads_of_fold(cur, u)
         else:
             raise _NoMatch(f"softmax output flows into {getattr(u.target, '__name__', u.target)}, not a matmul with v")
         core.append(u)
         cur = u
-    v = pv.args[1]
+    v, out = pv.args[1], pv
+    if fold_v:  # probabilities folded to [B·H, N, M] for the matmul: v and the output unfolded
+        v, out = _unfold(v, fold_v, "v"), _unfolded_output(pv, fold_v)
+        core.append(pv)
     # backward: softmax input -> ... -> matmul(q, kT)
-    qk, coef, parts, chain = _walk_scores(x)
+    qk, coef, parts, chain, softcap, fold_qk, folded = _walk_scores(x)
     q, qscale = _peel_scale(qk.args[0])
     kt, kscale1 = _peel_scale(qk.args[1])
     k = _untranspose(kt)
     if k is None:
         raise _NoMatch("the key operand of q·kᵀ is not an explicit transpose of k")
     k, kscale2 = _peel_scale(k)
+    if fold_qk:
+        q, k = _unfold(q, fold_qk, "q"), _unfold(k, fold_qk, "k")
+        q, qscale2 = _peel_scale(q)
+        k, kscale3 = _peel_scale(k)
+        qscale, kscale2 = qscale * qscale2, kscale2 * kscale3
+    if bool(fold_qk) != bool(fold_v) and (_rank(q) != _rank(v)):
+        raise _NoMatch("heads folded into the batch on one side of the softmax only")
     scale = coef * qscale * kscale1 * kscale2
     k0, v0 = _unrepeat_kv(k, v)
     if any(len(n.users) != 1 for n in chain) or len(qk.users) != 1:
         raise _NoMatch("attention scores are used outside the core")
-    return _site(softmax, q, k0, v0, pv, scale=scale, mask=parts[0][0] if len(parts) == 1 and parts[0][2] == "add"
-                 and parts[0][1] == 1.0 else None, mask_is_bool=False, causal=False, sdpa_causal=False,
-                 dropout_p=dropout_p, pattern="eager", core=tuple(chain + [qk] + core + [pv]), parts=tuple(parts))
+    return _site(softmax, q, k0, v0, out, scale=scale, mask=parts[0][0] if len(parts) == 1 and parts[0][2] == "add"
+                 and parts[0][1] == 1.0 and not folded else None, mask_is_bool=False, causal=False,
+                 sdpa_causal=False, dropout_p=dropout_p, pattern="eager" if not (fold_qk or fold_v) else
+                 "eager-folded", core=tuple(chain + [qk] + core + [pv]), parts=tuple(parts), softcap=softcap,
+                 folded=frozenset(folded))
+
+
+def _rank(n) -> int:
+    s = shape(n)
+    return len(s) if s is not None else -1
+
+
+def _heads_of_fold(a: Node, b: Node) -> int:
+    """H when one of the views ``a -> b`` / ``b -> a`` is [B, H, N, M] <-> [B·H, N, M] (heads folded into the
+    batch, or unfolded from it); 0 otherwise."""
+    if not is_op(b, *_VIEWS) or b.args[0] is not a:
+        return 0
+    sa, sb = shape(a), shape(b)
+    if sa is None or sb is None:
+        return 0
+    four, three = (sa, sb) if len(sa) == 4 and len(sb) == 3 else (sb, sa) if len(sb) == 4 and len(sa) == 3 else \
+        (None, None)
+    if four is None or str(four[-2:]) != str(three[-2:]) and [str(d) for d in four[-2:]] != [str(d) for d in three[-2:]]:
+        return 0
+    h = static_int(four[1])
+    if not h or str(three[0]) not in (str(four[0] * h), str(h * four[0])):
+        return 0
+    return h
+
+
+def _unfold(n: Node, heads: int, name: str) -> Node:
+    """The [B, H, N, D] tensor whose fold into the batch is ``n`` [B·H, N, D] (the reshape's input)."""
+    m = n
+    while is_op(m, *_PASS_THROUGH):
+        m = m.args[0]
+    src = m.args[0] if is_op(m, *_VIEWS) else None
+    ss = shape(src) if isinstance(src, Node) else None
+    if ss is None or len(ss) != 4 or static_int(ss[1]) != heads:
+        raise _NoMatch(f"heads folded into the batch: {name} is not a view of a [B, {heads}, N, D] tensor")
+    return src
+
+
+def _unfolded_output(pv: Node, heads: int) -> Node:
+    """The view of the core's output [B·H, N, D] back to [B, H, N, D], which the fused op's output replaces."""
+    users = list(pv.users)
+    if len(users) == 1 and _heads_of_fold(pv, users[0]) == heads and _rank(users[0]) == 4:
+        return users[0]
+    raise _NoMatch("heads folded into the batch: the output of the core is not viewed back to [B, H, N, D]")
 
 
 def _feeds_topk(n: Node) -> bool:
@@ -145,14 +211,30 @@ def _feeds_topk(n: Node) -> bool:
 
 
 def _walk_scores(x: Node):
-    """Follow the softmax input back to q·kᵀ, collecting the scale factor and the mask terms."""
+    """Follow the softmax input back to q·kᵀ, collecting the scale factor and the mask terms; with a soft-cap
+    c·tanh(·) on the way, (q·kᵀ, c · the factors inside, mask terms, chain, c)."""
     parts: list[tuple[Node, float, str]] = []
     chain: list[Node] = []
+    capped: list[float] = []  # the factor applied after the tanh: the cap c
+    fold: list[int] = []  # the heads, once a view unfolds [B·H, N, M] scores to [B, H, N, M]
+    folded: list[Node] = []  # mask terms added in the folded layout
 
     def walk(n, coef):
         if is_op(n, aten.matmul):
             return n, coef
         chain.append(n)
+        if not fold and is_op(n, *_VIEWS) and isinstance(n.args[0], Node) and _heads_of_fold(n.args[0], n) \
+                and _rank(n) == 4:
+            fold.append(_heads_of_fold(n.args[0], n))
+            return walk(n.args[0], coef)
+        if capped and not (is_op(n, aten.mul, aten.div) and scalar(n.args[1]) is not None) and \
+                not is_op(n, *_PASS_THROUGH):
+            raise _NoMatch("soft-capped scores: a term inside the tanh other than a scale of q·kᵀ")
+        if is_op(n, aten.tanh):
+            if coef <= 0:
+                raise _NoMatch("soft-capped scores with a non-positive cap")
+            capped.append(coef)
+            return walk(n.args[0], 1.0)
         if is_op(n, aten.mul) and scalar(n.args[1]) is not None:
             return walk(n.args[0], coef * scalar(n.args[1]))
         if is_op(n, aten.div) and scalar(n.args[1]) is not None:
@@ -169,6 +251,8 @@ def _walk_scores(x: Node):
             if _reaches_qk(b) and sign > 0:
                 parts.append((a, coef, "add"))
                 return walk(b, coef)
+            for side in (a, b):
+                _refuse_tensor_scale(side)
             raise _NoMatch("scores add two tensors and neither is q·kᵀ")
         if is_op(n, aten.masked_fill):
             value = scalar(n.args[2])
@@ -187,11 +271,25 @@ def _walk_scores(x: Node):
             return walk(a, coef)
         if is_op(n, *_PASS_THROUGH):
             return walk(n.args[0], coef)
+        _refuse_tensor_scale(n)
         name = getattr(getattr(n, "target", None), "__name__", str(getattr(n, "target", n)))
         raise _NoMatch(f"softmax input comes from {name}, not a q·kᵀ matmul")
 
     qk, coef = walk(x, 1.0)
-    return qk, coef, parts, chain
+    heads = fold[0] if fold else 0
+    folded = [p[0] for p in parts if heads and _rank(p[0]) == 3]  # terms added before the unfold: [B·H, ·, M]
+    if capped:
+        return qk, coef * capped[0], parts, chain, capped[0], heads, folded
+    return qk, coef, parts, chain, 0.0, heads, folded
+
+
+def _refuse_tensor_scale(n) -> None:
+    """The true cause when scores are multiplied or divided by a tensor (a learned temperature, a computed scale):
+    the op's scale is a constant."""
+    if is_op(n, aten.mul, aten.div) and len(n.args) == 2 and isinstance(n.args[1], Node) and _reaches_qk(n.args[0]):
+        what = n.args[1].target if n.args[1].op == "get_attr" else n.args[1].name
+        raise _NoMatch(f"scores are {'divided' if is_op(n, aten.div) else 'multiplied'} by a tensor ({what}), not a "
+                       "constant: a learned or computed scale the fused op cannot take")
 
 
 def _reaches_qk(n, depth: int = 8) -> bool:
@@ -199,7 +297,7 @@ def _reaches_qk(n, depth: int = 8) -> bool:
         return True
     if depth == 0 or not isinstance(n, Node):
         return False
-    if is_op(n, aten.mul, aten.div) and scalar(n.args[1]) is not None:
+    if is_op(n, aten.mul, aten.div) and scalar(n.args[1]) is not None or is_op(n, aten.tanh, *_VIEWS):
         return _reaches_qk(n.args[0], depth - 1)
     if is_op(n, aten.add, aten.sub, aten.masked_fill, *_PASS_THROUGH):
         return _reaches_qk(n.args[0], depth - 1) or (
@@ -291,7 +389,7 @@ def _skip_full_slices(n):
 
 
 def _site(anchor: Node, q, k, v, out, *, scale, mask, mask_is_bool, causal, sdpa_causal, dropout_p,
-          pattern, core, parts) -> AttentionSite:
+          pattern, core, parts, softcap: float = 0.0, folded=frozenset()) -> AttentionSite:
     qs, ks = shape(q), shape(k)
     if qs is None or ks is None or len(qs) < 3 or len(qs) != len(ks):
         raise _NoMatch("q/k shapes unknown or of different rank")
@@ -313,7 +411,8 @@ def _site(anchor: Node, q, k, v, out, *, scale, mask, mask_is_bool, causal, sdpa
     return AttentionSite(fqn=fqn, q=q, k=k, v=v, out=out, num_heads=heads, num_kv_heads=kv_heads,
                          head_dim=head_dim, scale=float(scale), causal=causal, mask=mask,
                          dropout_p=dropout_p, proj=proj, rope=rope, pattern=pattern, core_nodes=core,
-                         mask_parts=parts, mask_is_bool=mask_is_bool, sdpa_causal=sdpa_causal)
+                         mask_parts=parts, mask_is_bool=mask_is_bool, sdpa_causal=sdpa_causal, softcap=softcap,
+                         folded=folded)
 
 
 def refine_causal(site: AttentionSite, values: dict) -> AttentionSite:

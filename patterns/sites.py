@@ -49,6 +49,8 @@ class AttentionSite:
     mask_parts: tuple = ()  # (node, coefficient, kind) pieces the mask is built from
     mask_is_bool: bool = False
     sdpa_causal: bool = False  # causality comes from an is_causal flag, not from the mask
+    softcap: float = 0.0  # scores soft-capped to c·tanh(s / c) before the mask (Gemma 2); 0: none
+    folded: frozenset = frozenset()  # mask parts computed with heads folded into the batch, [B·H, N|1, M]
 
 
 @dataclass(frozen=True)

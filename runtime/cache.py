@@ -115,35 +115,41 @@ def prefill_mask(valid: Tensor) -> Optional[Tensor]:
     return None if bool(valid.all()) else valid[:, None, None, :]
 
 
-def attend_plain(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float) -> Tensor:
-    """softmax attention of q [B, H, T, D] over keys/values [B, Hkv, M, D] where ``visible`` [B, T, M], in plain
-    tensor ops (what an exported decode step is made of); rows that see no key give 0."""
+def attend_plain(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float,
+                 softcap: float = 0.0) -> Tensor:
+    """softmax attention of q [B, H, T, D] over keys/values [B, Hkv, M, D] where ``visible`` [B, T, M] (or per
+    head, [B, H, T, M]), in plain tensor ops (what an exported decode step is made of); rows that see no key give
+    0."""
     groups = q.shape[1] // keys.shape[1]
     if groups > 1:
         keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
     s = (q @ keys.transpose(-1, -2)) * scale
-    s = s.masked_fill(~visible[:, None], float("-inf"))
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~(visible if visible.dim() == 4 else visible[:, None]), float("-inf"))
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     return (e @ values) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
-def attend_keys(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float) -> Tensor:
-    """softmax attention of q [B, H, T, D] over keys/values [B, Hkv, M, D] where ``visible`` [B, T, M] (the same
-    for every head) or [B, H, T, M] (per head), GQA without repeating K/V; rows that see no key give 0
+def attend_keys(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float,
+                softcap: float = 0.0) -> Tensor:
+    """softmax attention of q [B, H, T, D] over keys [B, Hkv, M, D] and values [B, Hkv, M, Dv] (Dv may differ
+    from D) where ``visible`` [B, T, M] (the same for every head) or [B, H, T, M] (per head), GQA without repeating
+    K/V -> [B, H, T, Dv]; rows that see no key give 0
     (left-padding rows of a prompt). One query on the Triton backend runs the generated split-KV decode kernel
-    (codegen/attention.py) with ``visible`` as its mask."""
+    (codegen/attention.py) with ``visible`` as its mask. ``softcap`` c > 0: scores c·tanh(s / c) (Gemma 2)."""
     if visible.dim() == 3:
         visible = visible[:, None]
     any_key = visible.any(-1, keepdim=True)
     safe = visible | ~any_key  # a row with no key attends to all (finite), then is zeroed
     b, h, t, d = q.shape
     hkv = keys.shape[1]
-    if t == 1 and wants_triton(q) and values.shape[-1] == d:
+    if t == 1 and wants_triton(q):  # values may have their own head dim (pruned key channels: ThinK)
         from attnforge.codegen.attention import decode_triton
 
-        out = decode_triton(q, keys, values, safe, scale)
-    elif t == 1:  # one query: a GQA group's heads are the query rows of one SDPA call over its KV head
+        out = decode_triton(q, keys, values, safe, scale, softcap=softcap)
+    elif t == 1 and not softcap:  # one query: a GQA group's heads are the query rows of one SDPA call over its KV head
         if bool(safe.all()):
             mask = None
         elif safe.shape[1] == 1:
@@ -155,5 +161,5 @@ def attend_keys(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale:
     else:
         from .attention.cpu import attention_cpu
 
-        out = attention_cpu(q, keys, values, safe, scale, False, 0.0)
+        out = attention_cpu(q, keys, values, safe, scale, False, 0.0, softcap)
     return out.masked_fill(~any_key, 0.0)

@@ -24,13 +24,16 @@ def repeat_heads(k: Tensor, heads: int) -> Tensor:
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                    keep: Optional[Tensor] = None) -> Tensor:
+                    keep: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
     """softmax(scale·q kᵀ + mask) v, written plainly: K/V repeated over GQA groups, ``keep`` a boolean [.., N, M]
-    rule ANDed with the model's ``mask`` (additive or boolean keep). Rows that see no key give 0. q [.., H, N, D]
-    (or [B·H, N, D], heads folded into the batch)."""
+    rule ANDed with the model's ``mask`` (additive or boolean keep), scores soft-capped to c·tanh(s / c) first
+    when ``softcap`` c > 0. Rows that see no key give 0. q [.., H, N, D] (or [B·H, N, D], heads folded into the
+    batch)."""
     if q.dim() >= 4:
         k, v = repeat_heads(k, q.shape[-3]), repeat_heads(v, q.shape[-3])
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if mask is not None:
         s = s + masks.additive(mask, s.dtype)
     if keep is not None:

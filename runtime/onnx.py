@@ -83,11 +83,14 @@ def repeat_kv(op, x, groups: int):
     return op.Reshape(expanded, op.Concat(op.Shape(x, end=-3), ints(op, -1), op.Shape(x, start=-2), axis=0))
 
 
-def attention_composed(op, q, k, v, mask, scale, causal, rank: int, groups: int):
-    """softmax(scale · q kᵀ + mask) v from MatMul/Where/Softmax, for q of ``rank`` and any group size."""
+def attention_composed(op, q, k, v, mask, scale, causal, rank: int, groups: int, softcap: float = 0.0):
+    """softmax(scale · q kᵀ + mask) v from MatMul/Where/Softmax, for q of ``rank`` and any group size; scores
+    soft-capped to c · tanh(s / c) first when ``softcap`` c > 0."""
     k, v = repeat_kv(op, k, groups), repeat_kv(op, v, groups)
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=perm)), const(op, scale, q))
+    if softcap:
+        scores = op.Mul(op.Tanh(op.Div(scores, const(op, softcap, q))), const(op, softcap, q))
     hidden = const(op, -math.inf, scores)
     if mask is not None:
         scores = op.Where(mask, scores, hidden) if is_bool(mask) else op.Add(scores, op.CastLike(mask, scores))

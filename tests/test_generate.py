@@ -98,7 +98,7 @@ def _family(name: str):
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen3", "gemma3", "olmo2", "granite", "stablelm", "gpt_neox", "opt",
-                                    "falcon", "gptj"])
+                                    "falcon", "gptj", "gemma2"])
 def test_more_families_generate_hugging_faces_tokens(family):
     model = _family(family)
     opt = _optimize(model)
@@ -109,7 +109,6 @@ def test_more_families_generate_hugging_faces_tokens(family):
 
 
 @pytest.mark.parametrize("family, why", [
-    ("gemma2", "its attention could not be fused"),  # soft-capped scores: not fused yet (#17)
     ("bloom", "forward takes position_ids"),  # ALiBi, no position input
 ])
 def test_a_family_that_cannot_decode_says_why(family, why):
@@ -300,3 +299,20 @@ def test_generate_after_a_dtype_move_uses_a_cache_of_that_dtype(llama):
     assert torch.equal(got, want)
     decoder = next(iter(opt._decoders.values()))
     assert {s.site.dtype for s in decoder.graph.sites} == {torch.float64}
+
+
+def test_generation_past_the_models_own_sliding_window_is_refused():
+    """Mistral keeps a sliding window in its own attention: within it, HF's tokens; past it, a GenerationError
+    naming the window (the cache keeps every key, and an 8-token capture cannot see the window)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, sliding_window=12)).eval()
+    opt = _optimize(model)
+    ids, mask = _prompt(2, 6)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(opt.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), want)
+    with pytest.raises(GenerationError, match="12-token sliding window.*config.sliding_window"):
+        opt.generate(ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0)

@@ -160,3 +160,11 @@ def test_the_rule_is_spelled_once():
     offenders = [str(p.relative_to(root)) for folder in ("runtime", "codegen", "passes", "patterns", "attnforge")
                  for p in (root / folder).rglob("*.py") if p.name != "masks.py" and spelled.search(p.read_text())]
     assert offenders == []
+
+
+def test_one_mask_floor_for_the_matcher_and_the_kernels():
+    """patterns (which imports torch only) and codegen each name the additive-mask floor: the same number."""
+    from attnforge.codegen.masks import FLOOR
+    from attnforge.patterns import MASK_FLOOR
+
+    assert FLOOR == MASK_FLOOR

@@ -29,7 +29,8 @@ def _parity(module, args, path, opset):
 
 
 class Attentions(nn.Module):
-    """One attention op per case: GQA, boolean/additive masks broadcast over queries, causal, causal + mask, 3D."""
+    """One attention op per case: GQA, boolean/additive masks broadcast over queries, causal, causal + mask, 3D,
+    soft-capped scores."""
 
     def forward(self, q, k, v, kg, vg, pad, bias):
         a = torch.ops.attnforge.attention
@@ -39,7 +40,9 @@ class Attentions(nn.Module):
                 a(q, k, v, bias, 0.3, False, 0.0),  # additive per-head mask [B, H, N, M]
                 a(q, kg, vg, None, 0.25, True, 0.0),  # causal GQA
                 a(q, k, v, pad, 0.25, True, 0.0),  # causal and a mask: composition at any opset
-                a(q3, k3, v3, None, 0.25, False, 0.0))  # [B·H, N, D] spelling
+                a(q3, k3, v3, None, 0.25, False, 0.0),  # [B·H, N, D] spelling
+                a(q, kg, vg, None, 0.25, True, 0.0, 0.5),  # soft-capped (Gemma 2): Attention's softcap
+                a(q, k, v, pad, 0.25, True, 0.0, 0.5))  # soft-capped, causal and a mask: Tanh in the composition
 
 
 def _attention_inputs():

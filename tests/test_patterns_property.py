@@ -1,7 +1,9 @@
 """Property test: attention written in many spellings is either fused exactly or reported as a miss.
 
-Hypothesis generates modules that vary the scale placement, the mask, the head layout, causality and
-grouped-query K/V repetition, plus "trap" spellings that look like attention but must not be fused.
+Hypothesis generates modules that vary the scale placement, the mask, the head layout (including heads folded
+into the batch around the softmax, as Bloom and DeBERTa write it), causality, grouped-query K/V repetition,
+in-place score ops, Gemma 2's soft-capping and an extra additive score term computed from q (DeBERTa's c2p),
+plus "trap" spellings that look like attention but must not be fused.
 The reference is the generated module itself, run eagerly.
 """
 from __future__ import annotations
@@ -34,20 +36,26 @@ class Spec:
     softmax: str  # F | method | torch
     dropout: bool
     trap: str | None
+    inplace: bool = False  # scores /= c, scores += mask
+    softcap: bool = False  # scores = tanh(scores / c) * c before the mask
+    extra: bool = False  # scores + (q @ posᵀ) · 0.1, a term computed from q
 
 
 @st.composite
 def specs(draw):
     heads = draw(st.sampled_from([1, 2, 4]))
     groups = draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]))
-    layout = draw(st.sampled_from(["transpose", "permute", "bmm3d"]))
+    layout = draw(st.sampled_from(["transpose", "permute", "bmm3d", "folded"]))
     scale = draw(st.sampled_from(SCALES + (["baddbmm"] if layout == "bmm3d" else [])))
     sdpa = scale.startswith("sdpa")
     repeat = draw(st.sampled_from(["repeat_interleave", "expand"] + (["sdpa_gqa"] if sdpa and layout != "bmm3d" else [])))
     mask = draw(st.sampled_from(["none", "add", "causal_flag", "fill_bool"] if sdpa else MASKS[:-1]))
     trap = None if sdpa else draw(st.sampled_from(TRAPS))
     return Spec(heads, groups, draw(st.sampled_from([4, 8])), layout, scale, mask, repeat,
-                draw(st.sampled_from(["F", "method", "torch"])), draw(st.booleans()), trap)
+                draw(st.sampled_from(["F", "method", "torch"])), draw(st.booleans()), trap,
+                inplace=not sdpa and draw(st.booleans()),
+                softcap=not sdpa and scale != "baddbmm" and draw(st.booleans()),  # baddbmm's mask would be inside
+                extra=not sdpa and draw(st.booleans()))
 
 
 class Generated(nn.Module):
@@ -63,6 +71,7 @@ class Generated(nn.Module):
         self.drop = nn.Dropout(0.1)
         self.register_buffer("tri", torch.ones(n, n, dtype=torch.bool).tril())
         self.temp = nn.Parameter(torch.tensor(0.4))
+        self.pos = nn.Parameter(torch.randn(n, d))
 
     def split(self, x, heads):
         b, n, _ = x.shape
@@ -100,12 +109,13 @@ class Generated(nn.Module):
                 m = ~(mask < -1)  # keep-mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=s.mask == "causal_flag", **kw)
             return self.o(out.transpose(1, 2).reshape(b, n, h * d))
-        if s.layout == "bmm3d":
+        extra = torch.matmul(q, self.pos[:n].T) * 0.1 if s.extra else None  # [B, H, N, N] from q
+        if s.layout in ("bmm3d", "folded"):
             q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+            extra = extra.reshape(b * h, n, n) if extra is not None else None
+        if s.layout == "bmm3d":
             mask = mask.expand(b, h, n, n).reshape(b * h, n, n)
-            tri = self.tri[:n, :n]
-        else:
-            tri = self.tri[:n, :n]
+        tri = self.tri[:n, :n]
         kt = k.transpose(-2, -1)
         if s.scale == "q_mul":
             scores = (q * scale) @ kt
@@ -114,6 +124,9 @@ class Generated(nn.Module):
         elif s.scale == "split":
             r = scale ** 0.5
             scores = torch.matmul(q * r, (k * r).transpose(-2, -1))
+        elif s.scale == "scores_div" and s.inplace:
+            scores = torch.matmul(q, kt)
+            scores /= math.sqrt(d)
         elif s.scale == "scores_div":
             scores = torch.matmul(q, kt) / math.sqrt(d)
         elif s.scale == "baddbmm":
@@ -122,7 +135,15 @@ class Generated(nn.Module):
             scores = torch.matmul(q, kt) * scale
         if s.trap == "tensor_scale":
             scores = scores * self.temp
-        if s.mask == "add" and s.scale != "baddbmm":
+        if s.softcap:
+            scores = torch.tanh(scores / 2.0) * 2.0
+        if extra is not None:
+            scores = scores + extra
+        if s.layout == "folded":  # heads unfolded for the mask and the softmax (Bloom)
+            scores = scores.view(b, h, n, n)
+        if s.mask == "add" and s.scale != "baddbmm" and s.inplace:
+            scores += mask
+        elif s.mask == "add" and s.scale != "baddbmm":
             scores = scores + mask
         elif s.mask == "fill_bool":
             scores = scores.masked_fill(mask < -1, float("-inf"))
@@ -137,8 +158,10 @@ class Generated(nn.Module):
         probs = self.softmax(scores, dim=-2 if s.trap == "softmax_dim" else -1)
         if s.dropout:
             probs = self.drop(probs)
+        if s.layout == "folded":
+            probs = probs.view(b * h, n, n)
         out = probs @ v
-        if s.layout == "bmm3d":
+        if s.layout in ("bmm3d", "folded"):
             out = out.view(b, h, n, d)
         y = self.o(out.transpose(1, 2).reshape(b, n, h * d))
         if s.trap == "scores_out":

@@ -248,3 +248,20 @@ def test_onnx_export_matches_onnxruntime(rewrite, params, family, tmp_path):
         want = opt(*args, **kwargs)
     got = run_onnx(path, args, kwargs, want)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_gradients_with_sinks_outside_the_window_equal_the_rule():
+    """The sinks are merged by log-sum-exp in the forward kernel; its backward must still be the rule's gradient
+    (a window shorter than the sequence, so the sinks lie outside it)."""
+    from attnforge.runtime import VARIANTS
+
+    v = VARIANTS["sliding_window_attention"]
+    g = torch.Generator().manual_seed(0)
+    q, k, vv = (torch.randn(2, h, 11, 8, dtype=torch.float64, generator=g) for h in (4, 2, 2))
+    up = torch.randn(2, 4, 11, 8, dtype=torch.float64, generator=g)
+    leaves = [x.clone().requires_grad_() for x in (q, k, vv)]
+    copies = [x.clone().requires_grad_() for x in (q, k, vv)]
+    (v.op(*leaves, None, 0.25, 5, 2, True) * up).sum().backward()
+    (v.reference(*copies, None, 0.25, 5, 2, True) * up).sum().backward()
+    for a, b in zip(leaves, copies):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)

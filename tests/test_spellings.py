@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,3 +116,105 @@ def test_router_softmax_is_not_an_attention_miss():
     assert not [m for m in opt.report.misses if m.kind == "attention"]
     for got, want in zip(opt(x), ref):
         torch.testing.assert_close(got, want)
+
+
+class FoldedHeads(nn.Module):
+    """Bloom's spelling: q, k, v folded to [B·H, N, D], scores ``baddbmm(alibi, q, kᵀ)``, viewed to [B, H, N, M] for
+    the mask and softmax and back for the matmul with v; optionally an extra term from q (DeBERTa's c2p) and the
+    scale as a 0-dim tensor constant (DeBERTa's ``torch.sqrt(torch.tensor(d) * f)``)."""
+
+    def __init__(self, d=32, h=4, n=16, extra=False, tensor_scale=False):
+        super().__init__()
+        self.h, self.extra, self.tensor_scale = h, extra, tensor_scale
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(n, d // h))
+        slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)])
+        self.register_buffer("slopes", slopes)
+
+    def forward(self, x, mask):
+        b, n, d = x.shape
+        hd = d // self.h
+        q, k, v = (p(x).view(b, n, self.h, hd).transpose(1, 2).reshape(b * self.h, n, hd)
+                   for p in (self.q, self.k, self.v))
+        alibi = (self.slopes[:, None] * torch.arange(n)[None]).repeat(b, 1)[:, None, :]  # [B·H, 1, M]
+        if self.tensor_scale:
+            scores = torch.bmm(q, k.transpose(-1, -2) / torch.sqrt(torch.tensor(hd, dtype=torch.float) * 1.0))
+            scores = scores + alibi
+        else:
+            scores = alibi.baddbmm(q, k.transpose(-1, -2), beta=1.0, alpha=hd ** -0.5)
+        if self.extra:
+            scores = scores + torch.bmm(q, self.pos[:n].T[None].expand(b * self.h, -1, -1)) * 0.2
+        probs = F.softmax(scores.view(b, self.h, n, n) + mask, dim=-1)
+        out = torch.bmm(probs.view(b * self.h, n, n), v).view(b, self.h, n, hd)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+def _padding_mask(b, n):
+    m = torch.zeros(b, 1, 1, n)
+    m[-1, ..., :3] = -1e9
+    return m
+
+
+@pytest.mark.parametrize("extra,tensor_scale", [(False, False), (True, False), (False, True), (True, True)])
+def test_folded_heads_fuse_with_alibi_and_extra_terms_as_additive_masks(extra, tensor_scale):
+    torch.manual_seed(0)
+    model = FoldedHeads(extra=extra, tensor_scale=tensor_scale).eval()
+    x = torch.randn(1, 16, 32)
+    opt = attnforge.optimize(model, "fuse-attention", (x, _padding_mask(1, 16)))
+    site = opt.report.sites[0]
+    assert site.status == "applied" and site.pattern == "eager-folded", opt.report.to_text()
+    fused = [n for n in opt.program.gm.graph.nodes if "attnforge.attention" in str(n.target)]
+    assert len(fused) == 1 and fused[0].args[0].meta["val"].dim() == 4  # heads unfolded: [B, H, N, D]
+    assert any("unflatten" in str(n.target) for n in opt.program.gm.graph.nodes)  # ALiBi kept, as [B, H, 1, M]
+    for b, n in ((1, 16), (3, 11)):
+        x = torch.randn(b, n, 32)
+        torch.testing.assert_close(opt(x, _padding_mask(b, n)), model(x, _padding_mask(b, n)), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_learned_0_dim_scale_is_not_folded_into_a_constant():
+    """Only constants fold: a 0-dim Parameter dividing the scores stays a tensor (training would change it)."""
+    class Learned(FoldedHeads):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor(8.0))
+
+        def forward(self, x, mask):
+            b, n, d = x.shape
+            q, k, v = (p(x).view(b, n, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return (F.softmax(q @ k.transpose(-1, -2) / self.t + mask, -1) @ v).transpose(1, 2).reshape(b, n, d)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = attnforge.optimize(Learned().eval(), "fuse-attention", (torch.randn(1, 16, 32), _padding_mask(1, 16)))
+    assert not [s for s in opt.report.sites if s.status == "applied"]
+    assert opt.report.misses and "scores are divided by a tensor" in opt.report.misses[0].reason
+
+
+@pytest.mark.parametrize("family", ["bloom", "deberta_v2"])
+def test_bloom_and_deberta_relative_attention_fuse_exactly(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4))
+    else:
+        model = tf.DebertaV2Model(tf.DebertaV2Config(
+            vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
+            max_relative_positions=32))
+    model.eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Bloom cannot generate (no position_ids): a warning, not the point here
+        opt = attnforge.optimize(model, "exact", (torch.randint(3, 100, (1, 9)),))
+    assert [s.status for s in opt.report.sites] == ["applied"] * 4 and not opt.report.misses, opt.report.to_text()
+    for b, n in ((1, 9), (2, 14)):
+        ids = torch.randint(3, 100, (b, n))
+        mask = torch.ones_like(ids)
+        mask[-1, :3] = 0
+        got, want = opt(ids, attention_mask=mask)[0], model(ids, attention_mask=mask)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

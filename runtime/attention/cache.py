@@ -49,12 +49,13 @@ def write(state: list, k, v, valid, start: int) -> int:
 def attend(q, k, v, state, valid, start, site: Site):
     """Query t (at position start + t) sees the real keys j ≤ start + t (causal, top-left as the prefill)."""
     end = write(state, k, v, valid, start)
+    softcap = site.params.get("softcap", 0.0)
     if start == 0:  # prefill: the variant's own kernel over the prompt (Triton on GPU)
-        return torch.ops.attnforge.attention(q, k, v, prefill_mask(valid), site.scale, True, 0.0)
+        return torch.ops.attnforge.attention(q, k, v, prefill_mask(valid), site.scale, True, 0.0, softcap)
     visible = state[2][:, None, :end]  # one query at the end sees every key: causality is the prefix itself
     if q.shape[2] > 1:
         visible = masks.dense(masks.causal(), q.shape[2], end, offset=start, device=q.device)[None] & visible
-    return attend_keys(q, state[0][:, :, :end], state[1][:, :, :end], visible, site.scale)
+    return attend_keys(q, state[0][:, :, :end], state[1][:, :, :end], visible, site.scale, softcap)
 
 
 def nbytes(site: Site, batch, context):
@@ -76,10 +77,12 @@ def step(q, k, v, past, mask, site: Site):
     total, t = keys.shape[2], q.shape[2]
     i = torch.arange(t, device=q.device)[:, None] + (total - t)
     visible = (torch.arange(total, device=q.device)[None] <= i)[None] & mask.bool()[:, None, :]
-    return attend_plain(q, keys, values, visible, site.scale), [keys, values]
+    return attend_plain(q, keys, values, visible, site.scale, site.params.get("softcap", 0.0)), [keys, values]
 
 
 FULL = register_policy(CachePolicy(
     "full", "every key and value, KV heads only; grows with the context", allocate, attend, nbytes,
-    pack=lambda params: ([], [], [], []), unpack=lambda ints, floats, strs, weights: {}, grow=grow,
+    pack=lambda params: ([], [params.get("softcap", 0.0)], [], []),
+    unpack=lambda ints, floats, strs, weights: {"softcap": floats[0] if floats else 0.0},
+    params_of=lambda a: {"softcap": float(a.get("softcap") or 0.0)}, grow=grow,
     state_names=("key", "value"), initial=initial, step=step))

@@ -4,7 +4,8 @@ Queries are cut into blocks of ``bq`` rows; block i reads the keys [i·bq − w 
 overlapping strided view of K and V (no copy), so one batched flash-attention call covers the band with
 (bq + w − 1)/w of the minimum work, and one mask template (the window predicate, codegen/masks.py) serves every
 block. The blocks at the sequence ends run as small dense slabs; sinks outside the window are merged in by
-log-sum-exp. ``block`` (bq) is a tunable (codegen/autotune.py).
+log-sum-exp. ``block`` (bq) is a tunable (codegen/autotune.py). Under autograd with sinks (the recomputed
+backward) it runs the dense rule instead: flash's log-sum-exp, which the sink merge reads, carries no gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ DEFAULT = {"block": 64}
 
 def sliding_window_cpu(q, k, v, mask, scale, window, sinks, causal, block=None):
     """Banded flash attention (module docstring); ``block`` None: the tuned block for this shape (or 64)."""
+    if sinks > 0 and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # flash's log-sum-exp has no gradient, so the sink merge would differentiate wrongly: train on the rule
+        from .reference import sliding_window_attention
+
+        return sliding_window_attention(q, k, v, mask, scale, window, sinks, causal)
     if block is None:
         block = lookup(lambda: window_key(q, window), DEFAULT)["block"]
     b, h, n, d = q.shape
