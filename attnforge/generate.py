@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from attnforge.passes.check import error_stats
+from attnforge.passes.base import REPLAY
 from attnforge.passes.decode import DecodeGraph, DecodeUnsupported, decode_graph
 from attnforge.runtime import of_op
 from attnforge.runtime.cache import POLICIES
@@ -140,11 +141,14 @@ def _with_fused_attention(opt, kwargs):
 
     data = opt.recipe.model_dump()
     recipe = load_recipe({**data, "steps": [*data["steps"], {"rewrite": "fuse_attention"}]})
+    replay = REPLAY.set(True)
     try:
         program = build_program(opt._source, recipe, (), kwargs, backend=opt.backend, training=False,
                                 **opt._options)
     except Exception as e:  # noqa: BLE001 - said by generate's error
         raise GenerationError(f"the model could not be captured for generation: {e}") from None
+    finally:
+        REPLAY.reset(replay)
     if not any(getattr(of_op(n.target), "cache", None) for n in program.gm.graph.nodes if n.op == "call_function"):
         misses = sorted({f"{m.fqn}: {m.reason}" for m in program.report.misses if m.kind == "attention"})
         raise GenerationError("its attention could not be fused, so no attention op owns a cache"

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from attnforge.passes.base import REPLAY
 from attnforge.runtime.dispatch import use_backend
 
 from .capture import CallForm, Uncapturable, call_form
@@ -204,6 +205,7 @@ class OptimizedModel(nn.Module):
         options = dict(self._options)
         if dynamic is not None:
             options["dynamic"] = dynamic
+        replay = REPLAY.set(True)
         try:
             program = build_program(self._source, self.recipe, args, kwargs, backend=self.backend,
                                     training=form.training, **options)
@@ -214,6 +216,8 @@ class OptimizedModel(nn.Module):
                                        f"model: {e}")
             self.report.recaptures.append({"why": why, "form": form.describe(), "counts": {}, "error": str(e)})
             return None
+        finally:
+            REPLAY.reset(replay)
         self._tie(program.gm)
         program.gm.train(form.training)
         if not self._programs:

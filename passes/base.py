@@ -10,12 +10,19 @@ against before anything runs: the variant's (runtime/<variant>/) when the pass i
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch.fx import GraphModule, Node
 
 from attnforge.runtime.registry import NoParams, Params  # noqa: F401  (the base of every params model)
+
+
+# True while an optimized model re-applies its recipe to another call form (generation's program is captured on
+# a short example of its own): checks that judge the user's example inputs, such as a window longer than its
+# prompt, do not apply to that one
+REPLAY = contextvars.ContextVar("attnforge_replay", default=False)
 
 
 class ParamError(ValueError):

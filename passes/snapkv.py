@@ -17,15 +17,18 @@ from attnforge.patterns.graph import example_size, shape
 from attnforge.runtime.cache import attend_keys
 from attnforge.runtime.snapkv import VARIANT, SnapKVParams, keep_count, select_keys
 
-from .base import ParamError, RewritePass, SkipSite, register
+from .base import REPLAY, ParamError, RewritePass, SkipSite, register
 from .fuse_attention import match, needs
 
 N = sympy.Symbol("N", positive=True, integer=True)
 
 
 def _check_window(site: AttentionSite, window: int, name: str = "window") -> int:
+    """The example's length; a ``ParamError`` when the observation window is longer than the user's prompt (not
+    on a replay of the recipe for another call form, e.g. generation's short capture: there a prompt shorter than
+    the window keeps everything)."""
     n = example_size(shape(site.q)[-2]) if shape(site.q) else None
-    if n is not None and window > n:
+    if n is not None and window > n and not REPLAY.get():
         raise ParamError(name, f"window={window} is longer than the example prompt ({n} tokens) at "
                                f"{site.fqn or '<root>'}: the observation window must fit in the prompt")
     return n

@@ -304,3 +304,19 @@ def test_bad_params_are_recipe_errors_naming_the_field(llama, step, field):
     ids = torch.randint(3, 100, (1, 20))
     with pytest.raises(RecipeError, match=field):
         _opt(llama, step, ids)
+
+
+@pytest.mark.parametrize("step", [{"rewrite": "snapkv", "params": {"budget": 66}},  # window 64 (the default)
+                                  {"rewrite": "think", "params": {"ratio": 0.5}}])  # window 32
+def test_default_windows_generate_from_a_prompt_longer_than_them(llama, step):
+    """The window check judges the user's example, not generation's own short capture of the model; a prompt
+    longer than the window compresses (snapkv keeps 66 of 70 keys), one shorter keeps everything."""
+    ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(4))
+    opt = _opt(llama, step, ids)
+    out = opt.generate(ids, max_new_tokens=3)
+    assert out.shape == (1, 73)
+    short = torch.randint(3, 100, (1, 10))
+    want = llama.generate(short, max_new_tokens=4, do_sample=False)
+    assert torch.equal(opt.generate(short, max_new_tokens=4), want)  # 10 tokens: below either window, exact
+    if step["rewrite"] == "snapkv":
+        assert opt.kv_cache_bytes(1, 70) == 2 * 2 * 66 * (2 * 16 * 4 + 1)

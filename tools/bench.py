@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -479,6 +480,108 @@ def cmd_gpu(a) -> list[str]:
     return lines
 
 
+def cmd_recall(a) -> list[str]:
+    """MQAR recall (attnforge/recall.py) of the original model and every approximate recipe, decoded through each
+    recipe's own KV cache, against the bytes that cache holds: one table and one plot."""
+    from attnforge import recall
+
+    names = [n.strip() for n in a.recipes.split(",") if n.strip()] or None
+    if a.quick:  # a tiny model trained in seconds, not cached; the original and the sliding windows
+        cfg = recall.Config(task=recall.Task(4, 4, 32), hidden=64, steps=150, tokens=2048, lr=3e-3)
+        model, info = recall.train(cfg, progress=False)
+        info["cached"] = False
+        rows = recall.evaluate(model, cfg.task, recall.select(cfg.task, names or ["original", "sliding_window"]),
+                               a.sequences, recall.held_out_seed(cfg))
+    else:
+        cfg = recall.config_for(a.context, a.layers, a.hidden, a.seed)
+        info, rows = recall.benchmark(cfg, names, a.sequences, a.retrain)
+    task = cfg.task
+    full = next((r["kv_cache_bytes"] for r in rows if r["recipe"] == "exact"), None)
+    trained = f"cached, trained earlier in {info['seconds']:.0f}s" if info["cached"] else \
+        f"trained in this run in {info['seconds']:.0f}s"
+    lines = [f"MQAR (Zoology): {task.pairs} key-value pairs then {task.queries} queries, {task.context} tokens, "
+             f"vocab {task.vocab} (keys and values from disjoint halves); the prompt is the key-value section "
+             f"({task.prompt} tokens, prefilled), each query is one decode step through the recipe's own cache. "
+             f"Model: LlamaForCausalLM, {cfg.layers} layers, hidden {cfg.hidden}, {cfg.hidden // 32} heads = KV "
+             f"heads of 32, tied embeddings; AdamW lr {cfg.lr:g}, {cfg.steps} steps of {cfg.tokens} tokens, "
+             f"pairs doubling from {cfg.start_pairs} over the first {cfg.ramp:.0%} of the steps, seed {cfg.seed} "
+             f"({trained}); held-out accuracy of the original (HF forward): {info['accuracy']:.4f}. "
+             f"{a.sequences} held-out sequences per row; "
+             f"{'CUDA' if torch.cuda.is_available() else 'CPU only, no GPU'}.",
+             "",
+             "Method notes: the cache bytes are `opt.kv_cache_bytes(1, N)` at N = the whole sequence, except snapkv's, "
+             "whose formula counts the kept keys of an N-token prompt: its rows add the decoded tokens' slots (the "
+             "note gives both). snapkv and think choose what they keep at prefill from the prompt's last queries, and "
+             "the prompt here holds no query of the task; streaming_heads chooses its heads once, on 4 example "
+             "sequences (queries included). snapkv and think use an observation window of 8 (a longer one is "
+             "refused when the decode program is captured on generate's 8-token example). snapkv's and think's "
+             "prompt forward pass is exact, so their logits cosine (full forward on an example) is 1. The taylor "
+             "map's state (BASED) is constant in N but at head dim 32 larger than the full cache at this context.",
+             "",
+             "| recipe | family | recall accuracy | KV cache (bytes, 1 sequence, N tokens) | vs original "
+             "| logits cosine (example) | note |", "|" + "---|" * 7]
+    for r in rows:
+        size, cos = r["kv_cache_bytes"], r["cosine"]
+        acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        ratio = f"{size / full:.2f}x" if size and full else ""
+        lines.append(f"| {r['name']} | {r['family']} | {acc} | {'—' if size is None else f'{size:,}'} | {ratio} | "
+                     f"{'' if cos is None else f'{cos:.4f}'} | {r['note'].replace('|', '/')} |")
+    lines += ["", "Reproduce: `python tools/bench.py recall` (this section and docs/img/recall.png), or "
+              "`attnforge eval recall [--recipes snapkv,think] [--json rows.json]` (a table on stdout); the trained "
+              "model is cached in `$ATTNFORGE_CACHE_DIR/recall/<config hash>/` (`--retrain` trains it again)."]
+    return lines + recall_plot(a, rows, f"MQAR recall at {task.context} tokens vs KV-cache bytes "
+                                        f"(Llama {cfg.layers}x{cfg.hidden})")
+
+
+def recall_plot(a, rows: list[dict], title: str) -> list[str]:
+    """docs/img/recall.png: accuracy vs KV-cache bytes (log x), one marker per recipe family, each point named."""
+    if a.no_save:
+        return []
+    try:
+        import matplotlib
+    except ImportError:
+        return ["", f"(no plot: matplotlib was not installed for this run: {title})"]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    shown = sorted((r for r in rows if r["accuracy"] is not None and r["kv_cache_bytes"]),
+                   key=lambda r: r["kv_cache_bytes"])
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for family, marker in zip(families, "*osD^vPXh<>"):
+        points = [r for r in shown if r["family"] == family]
+        if points:
+            ax.scatter([r["kv_cache_bytes"] for r in points], [r["accuracy"] for r in points], marker=marker, s=50,
+                       label=family)
+    placed: list = []  # (x from, x to, y) of each label so far, x in decades
+    for r in shown:  # each label right or left of its point, above or below: the first place that is free
+        x, y = math.log10(r["kv_cache_bytes"]), r["accuracy"]
+        label = r["name"].replace(" + 4 sinks", "").replace(" ratio", "").replace(" kv heads", " kv")
+        label = label.replace(" keys", "").replace(" of ", "/")
+        width = 0.011 * len(label) + 0.02  # decades, at this size and font
+        for dy, side in ((4, 1), (-9, 1), (4, -1), (-9, -1), (13, 1), (-18, 1), (13, -1), (-18, -1)):
+            box = (x, x + width) if side > 0 else (x - width, x)
+            box = (*box, y + (dy + 3) * 0.0037)  # the label's middle, in accuracy units (1 point = 0.0037)
+            if not any(box[0] < p[1] and p[0] < box[1] and abs(box[2] - p[2]) < 0.03 for p in placed):
+                break
+        placed.append(box)
+        ax.annotate(label, (r["kv_cache_bytes"], y), fontsize=6, xytext=(4 * side, dy), textcoords="offset points",
+                    ha="left" if side > 0 else "right")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xlabel("KV-cache bytes per sequence at the full context (log)")
+    ax.set_ylabel("recall accuracy (held-out, through decode)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = DOCS / "img" / "recall.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return ["", f"![{title}](img/recall.png)"]
+
+
 COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear growth)"),
             "kernels": (cmd_kernels, "sparse attention kernels vs SDPA and FlexAttention"),
             "e2e": (cmd_e2e, "end-to-end prefill on an HF Llama-style model"),
@@ -486,7 +589,9 @@ COMMANDS = {"pipeline": (cmd_pipeline, "optimize() cost vs model depth (linear g
             "generate": (cmd_generate, "generation: HF generate vs attnforge's cache per recipe, and the floor"),
             "linear": (None, "linear attention kernels vs dense causal SDPA"),
             "gpu": (cmd_gpu, "generated dense causal Triton kernel vs SDPA, TFLOP/s (CUDA only)"),
-            "autotune": (cmd_autotune, "CPU autotuning: tuned vs default config of the sliding-window and linear kernels")}
+            "autotune": (cmd_autotune,
+                         "CPU autotuning: tuned vs default config of the sliding-window and linear kernels"),
+            "recall": (cmd_recall, "Recall (MQAR): accuracy vs KV-cache bytes of every recipe")}
 
 
 def _bench_linear():
@@ -535,7 +640,10 @@ def main(argv=None) -> int:
                   window=512, sinks=4, repeat=5)
     pg = _options(sub.add_parser("gpu", help=COMMANDS["gpu"][1]), n="4096,16384", batch=1, heads=16, dim=128,
                   dtype="float16", repeat=20)
-    for sp in (pp, pk, pe, pd, pgen, pl, pa, pg):
+    pr = _options(sub.add_parser("recall", help=COMMANDS["recall"][1]), context=256, layers=2, hidden=128, seed=0,
+                  sequences=256, recipes="")
+    pr.add_argument("--retrain", action="store_true", help="train the model again even if it is cached")
+    for sp in (pp, pk, pe, pd, pgen, pl, pa, pg, pr):
         sp.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke tests; nothing saved")
         sp.add_argument("--no-save", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = p.parse_args(argv)
@@ -551,6 +659,8 @@ def main(argv=None) -> int:
             a.n, a.repeat, a.layers, a.hidden, a.tokens = "64", 1, 2, 128, 4
         if a.command == "autotune":
             a.n, a.repeat, a.heads, a.dim, a.window = "256", 1, 2, 16, 32
+        if a.command == "recall":
+            a.sequences = 16
     fn, title = COMMANDS[a.command]
     fn = fn or _bench_linear().cmd_linear
     lines = fn(a)
@@ -560,7 +670,12 @@ def main(argv=None) -> int:
     if not a.no_save:
         path = DOCS / "benchmarks.md"
         text = path.read_text() if path.exists() else "# Benchmarks\n\nSections are appended by `tools/bench.py`.\n\n"
-        path.write_text(text + "\n".join(section) + "\n")
+        old = text.find(f"\n## {a.command}: ") if a.command == "recall" else -1
+        if old >= 0:  # recall keeps one section, the latest run's, where it was
+            end = text.find("\n## ", old + 1)
+            path.write_text(text[:old + 1] + "\n".join(section) + "\n" + (text[end + 1:] if end >= 0 else ""))
+        else:
+            path.write_text(text + "\n".join(section) + "\n")
     return 0
 
 

@@ -1,5 +1,5 @@
 """``attnforge`` command line (docs/cli.md): ``rewrite``, ``diff``, ``generate``, ``recipes``, ``autotune``,
-``codegen``, ``bench``.
+``codegen``, ``bench``, ``eval recall``.
 
 Every ``AttnforgeError`` (attnforge/errors.py: a bad recipe, spec, shape or option, an export that failed) exits
 with code 2 and a message naming the problem (an unusable autotune cache warns, and the run goes on in memory)."""
@@ -391,6 +391,41 @@ def cmd_recipes(a) -> int:
     return 0
 
 
+def cmd_eval_recall(a) -> int:
+    """MQAR recall of the original model and every approximate recipe vs their KV-cache bytes (attnforge/recall.py)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnforge import recall
+    from attnforge.tools.outputs import check_outputs
+
+    cfg = recall.config_for(a.context, a.layers, a.hidden, a.seed)
+    names = [n.strip() for n in a.recipes.split(",") if n.strip()] if a.recipes is not None else None
+    if names is not None and not names:
+        raise AttnforgeError("--recipes is empty: give recipe families or row names, comma-separated")
+    recall.select(cfg.task, names)  # names checked before the outputs and any training
+    check_outputs({"--json": a.json}, [], a.force)
+    info, rows = recall.benchmark(cfg, names, a.sequences, a.retrain)
+    out = Console(width=160)
+    full = next((r["kv_cache_bytes"] for r in rows if r["recipe"] == "exact" and r["kv_cache_bytes"]), None)
+    table = Table(title=f"MQAR recall at {cfg.task.context} tokens ({cfg.task.pairs} pairs, {cfg.task.queries} "
+                        f"queries answered by decode), {a.sequences} held-out sequences; model {cfg.layers} layers x "
+                        f"{cfg.hidden}, held-out accuracy {info['accuracy']:.3f}, "
+                        + ("loaded from the cache" if info["cached"] else f"trained in {info['seconds']:.0f}s"))
+    for col in ("recipe", "accuracy", "KV cache (bytes)", "vs original", "logits cosine", "note"):
+        table.add_column(col, justify="right" if col in ("accuracy", "KV cache (bytes)", "vs original") else "left")
+    for r in rows:
+        size = r["kv_cache_bytes"]
+        table.add_row(r["name"], "—" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                      "—" if size is None else f"{size:,}", f"{size / full:.2f}x" if size and full else "",
+                      "" if r["cosine"] is None else f"{r['cosine']:.4f}", r["note"])
+    out.print(table)
+    if a.json:
+        data = {"producer": "attnforge", "benchmark": "recall", "training": info, "rows": rows}
+        _write(a.json, json.dumps(_finite(data), indent=2, default=str), out)
+    return 0
+
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -640,6 +675,22 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--arch", type=int, metavar="SM",
                     help="also compile it for this NVIDIA compute capability (e.g. 90), no GPU needed")
     cg.set_defaults(fn=cmd_codegen)
+
+    ev = sub.add_parser("eval", help="task benchmarks of the rewrites: recall")
+    bench = ev.add_subparsers(dest="benchmark", required=True)
+    er = bench.add_parser("recall", parents=[force], help="MQAR recall vs KV-cache bytes of every approximate recipe "
+                                                          "(trains a small model once, cached)")
+    er.add_argument("--context", type=int, default=256, help="tokens per sequence: context/4 key-value pairs, each "
+                                                             "queried once (default 256)")
+    er.add_argument("--layers", type=int, default=2, help="layers of the trained Llama (default 2)")
+    er.add_argument("--hidden", type=int, default=128, help="its hidden size, heads of 32 channels (default 128)")
+    er.add_argument("--seed", type=int, default=0, help="training seed; held-out data comes from another stream")
+    er.add_argument("--recipes", help="comma-separated families (sliding_window, linear, based, gqa, snapkv, "
+                                      "streaming_heads, think) or row names (default: all)")
+    er.add_argument("--sequences", type=_count, default=256, help="held-out sequences (default 256)")
+    er.add_argument("--json", help="write the rows as JSON to this file")
+    er.add_argument("--retrain", action="store_true", help="train again even if the cache holds the model")
+    er.set_defaults(fn=cmd_eval_recall)
 
     rc = sub.add_parser("recipes", help="list builtin recipes")
     rc.add_argument("--schema", action="store_true", help="print the JSON Schema of recipe files")
