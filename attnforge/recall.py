@@ -256,14 +256,11 @@ def _steps(name: str, params: dict) -> dict:
                                     {"rewrite": "fuse_ffn"}]}
 
 
-OBSERVE = 8  # the observation window of snapkv and think (see recipes)
-
-
 def recipes(task: Task) -> list[dict]:
     """The benchmark's rows (name, family, ``attnforge.optimize`` recipe, whether to calibrate), sized by the task:
     at 256 tokens, windows 16–192 around the typical query–pair distance (pairs + queries ≈ 128 tokens), snapkv
-    keeping 32/64/96 of the 128 prompt keys, streaming heads with windows of 32, think pruning a quarter or half
-    of the key channels."""
+    keeping 32/64/96 of the 128 prompt keys (observation window 16), streaming heads with windows of 32, think
+    pruning a quarter or half of the key channels (observation window 32)."""
     n, prompt = task.context, task.prompt
     rows = [{"name": "original", "family": "original", "recipe": "exact"}]
     for window in (n // 16, n // 8, n // 4, n // 2, 3 * n // 4):
@@ -278,18 +275,16 @@ def recipes(task: Task) -> list[dict]:
                      "recipe": _steps("linear", {"feature_map": "taylor", "window": window})})
     for kv in (2, 1):
         rows.append({"name": f"gqa {kv} kv heads", "family": "gqa", "recipe": _steps("gqa", {"kv_heads": kv})})
-    # snapkv's and think's observation windows are 8 queries: a longer one is refused when the decode program is
-    # captured (generate.decoder_for captures it on an 8-token example, and both passes check the window against it)
-    for budget in (prompt // 4, prompt // 2, 3 * prompt // 4):
+    for budget in (prompt // 4, prompt // 2, 3 * prompt // 4):  # the window (always kept) is half the least budget
         rows.append({"name": f"snapkv {budget} of {prompt} keys", "family": "snapkv",
-                     "recipe": _steps("snapkv", {"budget": budget, "window": OBSERVE, "kernel": 5})})
+                     "recipe": _steps("snapkv", {"budget": budget, "window": prompt // 8, "kernel": 5})})
     for ratio in (0.25, 0.5):
         rows.append({"name": f"streaming_heads ratio {ratio}", "family": "streaming_heads",
                      "recipe": _steps("streaming_heads", {"ratio": ratio, "sinks": 4, "window": n // 8,
                                                           "method": "score"})})
     for ratio in (0.25, 0.5):
         rows.append({"name": f"think ratio {ratio}", "family": "think",
-                     "recipe": _steps("think", {"ratio": ratio, "window": OBSERVE})})
+                     "recipe": _steps("think", {"ratio": ratio, "window": prompt // 4})})
     return rows
 
 

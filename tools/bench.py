@@ -513,10 +513,10 @@ def cmd_recall(a) -> list[str]:
              "whose formula counts the kept keys of an N-token prompt: its rows add the decoded tokens' slots (the "
              "note gives both). snapkv and think choose what they keep at prefill from the prompt's last queries, and "
              "the prompt here holds no query of the task; streaming_heads chooses its heads once, on 4 example "
-             "sequences (queries included). snapkv and think use an observation window of 8 (a longer one is "
-             "refused when the decode program is captured on generate's 8-token example). snapkv's and think's "
-             "prompt forward pass is exact, so their logits cosine (full forward on an example) is 1. The taylor "
-             "map's state (BASED) is constant in N but at head dim 32 larger than the full cache at this context.",
+             "sequences (queries included). Windows: snapkv observes the last prompt/8 queries (kernel 5), think the "
+             "last prompt/4, a streaming head sees 4 sinks + N/8. snapkv's and think's prompt forward pass is "
+             "exact, so their logits cosine (full forward on an example) is 1. The taylor map's state (BASED) is "
+             "constant in N but at head dim 32 larger than the full cache at this context.",
              "",
              "| recipe | family | recall accuracy | KV cache (bytes, 1 sequence, N tokens) | vs original "
              "| logits cosine (example) | note |", "|" + "---|" * 7]
