@@ -126,7 +126,12 @@ def attend_plain(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale
     s = (q @ keys.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~(visible if visible.dim() == 4 else visible[:, None]), float("-inf"))
+    return softmax_times(s, visible if visible.dim() == 4 else visible[:, None], values)
+
+
+def softmax_times(s: Tensor, visible: Tensor, values: Tensor) -> Tensor:
+    """softmax(s over the ``visible`` keys) @ values in plain tensor ops (exportable); rows that see no key give 0."""
+    s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     return (e @ values) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)

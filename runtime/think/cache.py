@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from attnforge.codegen import masks
 
 from ..attention.cache import _chunks
-from ..cache import CachePolicy, Site, attend_keys, prefill_mask, register_policy
+from ..cache import CachePolicy, Site, attend_keys, prefill_mask, register_policy, softmax_times
 from .select import kept_channels, select_channels
 
 
@@ -100,12 +100,8 @@ def step(q, k, v, past, mask, site: Site):
     total = s.shape[-1]
     i = torch.arange(t, device=q.device)[:, None] + (total - t)
     visible = (torch.arange(total, device=q.device)[None] <= i)[None] & mask.bool()[:, None, :]
-    s = s.masked_fill(~visible[:, None, None], float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     values = torch.cat([past[1], v], 2)
-    out = (e @ values[:, :, None]) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-    out = out.reshape(b, h, t, values.shape[-1])
+    out = softmax_times(s, visible[:, None, None], values[:, :, None]).reshape(b, h, t, values.shape[-1])
     return out, [torch.cat([past[0], kg], 2), values, channels]
 
 
